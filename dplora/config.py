@@ -1,0 +1,159 @@
+"""Compose the run's configuration from `conf/` and validate it.
+
+The ServerApp and every ClientApp call `compose(overrides)` with the same Hydra override string (the Flower
+run config's `overrides`), so `conf/` is the single source of truth. Any mistake fails here, before training,
+with a `ConfigError` that names the key.
+"""
+
+from __future__ import annotations
+
+import importlib
+import shlex
+from pathlib import Path
+
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import DictConfig, OmegaConf
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+TASKS = ("classification", "causal_lm")
+ACCOUNTANTS = ("prv", "rdp")
+SOURCES = ("synthetic", "local")
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing or invalid; the message names the key."""
+
+
+def _package_model(package: str) -> str:
+    """`${package_model:pkg}`: the model folder shipped inside an installed Python package."""
+    try:
+        module = importlib.import_module(package)
+    except ImportError as err:
+        raise ConfigError(f"model: package {package!r} is not installed ({err})") from err
+    return str(module.get_model_path())
+
+
+if not OmegaConf.has_resolver("package_model"):
+    OmegaConf.register_new_resolver("package_model", _package_model)
+
+
+def compose(overrides: str | list[str] = "") -> DictConfig:
+    """Compose `conf/config.yaml` with Hydra overrides, resolve it and validate it."""
+    items = shlex.split(overrides) if isinstance(overrides, str) else list(overrides)
+    if not CONF_DIR.is_dir():
+        raise ConfigError(f"config folder {CONF_DIR} not found")
+    # Composition must not disturb a Hydra app that is already running (e.g. scripts/sweep.py).
+    outer = GlobalHydra.instance().hydra if GlobalHydra.instance().is_initialized() else None
+    if outer is not None:
+        GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+            cfg = hydra_compose(config_name="config", overrides=items)
+        OmegaConf.resolve(cfg)
+    except ConfigError:
+        raise
+    except Exception as err:  # Hydra / OmegaConf errors: keep their text, which names the key
+        raise ConfigError(f"bad config overrides {' '.join(items)!r}: {err}") from err
+    finally:
+        if outer is not None:
+            GlobalHydra.instance().clear()
+            GlobalHydra.instance().initialize(outer)
+    validate(cfg)
+    return cfg
+
+
+def _number(cfg: DictConfig, key: str, *, kind=float, low=None, high=None, low_open=False,
+            high_open=False, nullable=False):
+    value = OmegaConf.select(cfg, key, throw_on_missing=False)
+    if OmegaConf.is_missing(cfg, key):
+        raise ConfigError(f"{key} is required (set it with {key}=...)")
+    if value is None:
+        if nullable:
+            return None
+        raise ConfigError(f"{key} must be set (got null)")
+    ok_type = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is int:
+        ok_type = ok_type and float(value).is_integer()
+    if not ok_type:
+        raise ConfigError(f"{key} must be {'an integer' if kind is int else 'a number'} (got {value!r})")
+    if low is not None and (value <= low if low_open else value < low):
+        raise ConfigError(f"{key} must be {'>' if low_open else '>='} {low} (got {value})")
+    if high is not None and (value >= high if high_open else value > high):
+        raise ConfigError(f"{key} must be {'<' if high_open else '<='} {high} (got {value})")
+    return value
+
+
+def _choice(cfg: DictConfig, key: str, choices: tuple[str, ...]) -> str:
+    value = OmegaConf.select(cfg, key)
+    if value not in choices:
+        raise ConfigError(f"{key} must be one of {', '.join(choices)} (got {value!r})")
+    return value
+
+
+def _strings(cfg: DictConfig, key: str) -> list[str]:
+    value = OmegaConf.select(cfg, key)
+    if not OmegaConf.is_list(value) or not value or not all(isinstance(v, str) and v for v in value):
+        raise ConfigError(f"{key} must be a non-empty list of names (got {value!r})")
+    if len(set(value)) != len(value):
+        raise ConfigError(f"{key} has duplicates: {list(value)}")
+    return list(value)
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check every value the code relies on; raise ConfigError naming the first bad key."""
+    _number(cfg, "num_rounds", kind=int, low=1)
+    _number(cfg, "seed", kind=int, low=0)
+    _number(cfg, "train.local_epochs", kind=int, low=1)
+    _number(cfg, "train.batch_size", kind=int, low=1)
+    _number(cfg, "train.learning_rate", low=0, low_open=True)
+    _number(cfg, "train.weight_decay", low=0)
+    _choice(cfg, "train.optimizer", ("adamw", "sgd"))
+    _number(cfg, "train.momentum", low=0, high=1, high_open=True)
+    _number(cfg, "eval.batch_size", kind=int, low=1)
+    _number(cfg, "strategy.fraction_train", low=0, high=1, low_open=True)
+    _number(cfg, "strategy.min_clients", kind=int, low=1)
+    _number(cfg, "strategy.round_timeout", low=0, low_open=True)
+
+    _number(cfg, "privacy.target_epsilon", low=0, low_open=True, nullable=True)
+    _number(cfg, "privacy.delta", low=0, high=1, low_open=True, high_open=True)
+    _number(cfg, "privacy.max_grad_norm", low=0, low_open=True)
+    _choice(cfg, "privacy.accountant", ACCOUNTANTS)
+
+    if _choice(cfg, "model.task", TASKS) == "classification":
+        _choice(cfg, "model.pooling", ("mean", "cls"))
+    if cfg.model.pretrained is None and not cfg.model.architecture:
+        raise ConfigError("model.architecture is required when model.pretrained is null (random weights)")
+    if cfg.model.pretrained is None and cfg.model.tokenizer is None:
+        raise ConfigError("model.tokenizer is required when model.pretrained is null")
+    _number(cfg, "model.max_length", kind=int, low=8)
+    _number(cfg, "model.lora.r", kind=int, low=1)
+    _number(cfg, "model.lora.alpha", low=0, low_open=True)
+    _number(cfg, "model.lora.dropout", low=0, high=1, high_open=True)
+    _strings(cfg, "model.lora.target_modules")
+
+    source = _choice(cfg, "dataset.source", SOURCES)
+    if source == "local" and not OmegaConf.select(cfg, "dataset.path", throw_on_missing=False):
+        raise ConfigError(f"dataset.path is required for dataset={cfg.dataset.name} "
+                          f"(a folder with train.jsonl and test.jsonl)")
+    if source == "synthetic":
+        _number(cfg, "dataset.num_train", kind=int, low=1)
+        _number(cfg, "dataset.num_test", kind=int, low=1)
+    labels = _strings(cfg, "dataset.label_names")
+    if len(labels) < 2:
+        raise ConfigError(f"dataset.label_names needs at least two labels (got {labels})")
+    _strings(cfg, "dataset.text_fields")
+    if not isinstance(cfg.dataset.label_field, str):
+        raise ConfigError(f"dataset.label_field must be a field name (got {cfg.dataset.label_field!r})")
+    try:
+        cfg.dataset.prompt.format(**{f: "" for f in cfg.dataset.text_fields})
+    except (KeyError, IndexError, ValueError) as err:
+        raise ConfigError(f"dataset.prompt may only use the fields {list(cfg.dataset.text_fields)} "
+                          f"as {{field}} placeholders ({err!r})") from err
+
+
+def to_dict(cfg: DictConfig) -> dict:
+    """The resolved configuration as plain Python (for metrics.json)."""
+    return OmegaConf.to_container(cfg, resolve=True)

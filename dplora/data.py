@@ -1,0 +1,180 @@
+"""Datasets: load (synthetic or local JSON Lines), partition across data owners, tokenize into tensors.
+
+Every split is a `datasets.Dataset` with the config's text fields and an integer `label` (an index into
+`dataset.label_names`). Tokenized splits are `TensorDataset`s of (input_ids, attention_mask, labels), padded
+to `model.max_length`, so Opacus' Poisson loader can build empty batches of the right shape.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import datasets
+import torch
+from flwr_datasets.partitioner import IidPartitioner
+from omegaconf import DictConfig
+from torch.utils.data import TensorDataset
+
+IGNORE_INDEX = -100  # label value for tokens that carry no loss (prompt and padding) in causal-LM tuning
+
+
+class DataError(ValueError):
+    """A data file is missing or malformed; the message names the file and the line or field."""
+
+
+# ----------------------------------------------------------------------------------------------- loading
+
+def load_split(dataset_cfg: DictConfig, split: str) -> datasets.Dataset:
+    """The `split` ("train" or "test") of the configured dataset."""
+    if dataset_cfg.source == "synthetic":
+        train, test = synthetic_reviews(dataset_cfg.num_train, dataset_cfg.num_test)
+        rows = train if split == "train" else test
+    else:
+        rows = read_jsonl(Path(dataset_cfg.path) / f"{split}.jsonl", dataset_cfg)
+    return datasets.Dataset.from_list(rows)
+
+
+def read_jsonl(path: Path, dataset_cfg: DictConfig) -> list[dict]:
+    """Read and check a JSON Lines file: every line an object with the text fields and a known label."""
+    if not path.is_file():
+        raise DataError(f"{path}: file not found (check dataset.path)")
+    fields = list(dataset_cfg.text_fields)
+    label_key, names = dataset_cfg.label_field, list(dataset_cfg.label_names)
+    rows = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path}:{lineno}: not valid JSON ({err.msg})") from err
+            if not isinstance(record, dict):
+                raise DataError(f"{path}:{lineno}: expected a JSON object")
+            for key in [*fields, label_key]:
+                if key not in record:
+                    raise DataError(f"{path}:{lineno}: missing field {key!r}")
+            for key in fields:
+                if not isinstance(record[key], str):
+                    raise DataError(f"{path}:{lineno}: field {key!r} must be a string")
+            label = record[label_key]
+            if label not in names:
+                raise DataError(f"{path}:{lineno}: unknown label {label!r} in field {label_key!r} "
+                                f"(expected one of {names})")
+            rows.append({**{k: record[k] for k in fields}, "label": names.index(label)})
+    if not rows:
+        raise DataError(f"{path}: no records (empty file)")
+    return rows
+
+
+def partition(dataset: datasets.Dataset, num_partitions: int, partition_id: int, seed: int) -> datasets.Dataset:
+    """This data owner's IID share of `dataset` (a flwr-datasets partitioner over a seeded shuffle)."""
+    if not 0 <= partition_id < num_partitions:
+        raise DataError(f"partition-id {partition_id} is outside 0..{num_partitions - 1}")
+    partitioner = IidPartitioner(num_partitions=num_partitions)
+    partitioner.dataset = dataset.shuffle(seed=seed)
+    return partitioner.load_partition(partition_id)
+
+
+# ------------------------------------------------------------------------------------------- tokenizing
+
+def encode(dataset: datasets.Dataset, tokenizer, cfg: DictConfig, *, answer: int | None = None) -> TensorDataset:
+    """Tokenize for the model's task.
+
+    classification: the text fields (one, or a pair) -> (input_ids, attention_mask, class index).
+    causal_lm: prompt + " <label name>" + EOS -> (input_ids, attention_mask, token labels) where only the
+    answer tokens carry a label. `answer=k` writes label k's answer for every row (to score candidates).
+    """
+    fields, max_length = list(cfg.dataset.text_fields), cfg.model.max_length
+    if cfg.model.task == "classification":
+        texts = [list(dataset[f]) for f in fields[:2]]
+        if len(fields) > 2:  # join the remaining fields onto the second one
+            texts[1] = [" ".join(parts) for parts in zip(*(dataset[f] for f in fields[1:]))]
+        enc = tokenizer(*texts, truncation=True, max_length=max_length, padding="max_length",
+                        return_tensors="pt")
+        labels = torch.tensor(list(dataset["label"]) if answer is None else [answer] * len(dataset))
+        return TensorDataset(enc["input_ids"], enc["attention_mask"], labels)
+
+    names = list(cfg.dataset.label_names)
+    ids = torch.full((len(dataset), max_length), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(dataset), max_length), dtype=torch.long)
+    labels = torch.full((len(dataset), max_length), IGNORE_INDEX, dtype=torch.long)
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    answers = [tokenizer(" " + name, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+               for name in names]
+    for i, row in enumerate(dataset):
+        prompt = tokenizer(cfg.dataset.prompt.format(**{f: row[f] for f in fields}),
+                           add_special_tokens=False)["input_ids"]
+        target = answers[row["label"] if answer is None else answer]
+        prompt = (bos + prompt)[: max_length - len(target)]
+        seq = prompt + target
+        ids[i, : len(seq)] = torch.tensor(seq)
+        mask[i, : len(seq)] = 1
+        labels[i, len(prompt): len(seq)] = torch.tensor(target)
+    return TensorDataset(ids, mask, labels)
+
+
+# --------------------------------------------------------------------------------------- synthetic data
+
+_ITEMS = ["battery", "screen", "delivery", "price", "support team", "camera", "keyboard", "update",
+          "packaging", "sound", "charger", "manual", "app", "strap", "speaker", "warranty"]
+_ADJECTIVES = {
+    1: ["excellent", "great", "reliable", "impressive", "fast", "pleasant", "solid", "superb", "friendly"],
+    -1: ["terrible", "awful", "broken", "slow", "disappointing", "flimsy", "useless", "poor", "rude"],
+    0: ["average", "standard", "typical", "ordinary", "unremarkable", "as described", "okay"],
+}
+_SYNTHETIC_SEED = 20231229  # fixed: the dataset is the same whatever the run's seed
+
+
+def _clause(rng: random.Random) -> tuple[str, int]:
+    polarity = rng.choice([1, -1, 0])
+    negated = polarity != 0 and rng.random() < 0.25
+    text = f"the {rng.choice(_ITEMS)} was {'not ' if negated else ''}{rng.choice(_ADJECTIVES[polarity])}"
+    # "not great" is negative; "not terrible" is only neutral.
+    return text, ({1: -1, -1: 0}[polarity] if negated else polarity)
+
+
+def synthetic_reviews(num_train: int, num_test: int, noise: float = 0.08) -> tuple[list[dict], list[dict]]:
+    """Product-review sentences with 3 sentiment classes, generated with a fixed seed.
+
+    A sentence has one or two clauses; a clause's sentiment comes from its adjective, flipped by "not".
+    Joined by "but", the second clause decides; by "and", the sign of the sum. `noise` of the labels are
+    then redrawn at random, so even a perfect model stays below 100%.
+    """
+    rng = random.Random(_SYNTHETIC_SEED)
+    rows = []
+    for _ in range(num_train + num_test):
+        first, s1 = _clause(rng)
+        if rng.random() < 0.5:
+            text, sentiment = first, s1
+        else:
+            second, s2 = _clause(rng)
+            if rng.random() < 0.5:
+                text, sentiment = f"{first}, but {second}", s2
+            else:
+                text, sentiment = f"{first} and {second}", (s1 + s2 > 0) - (s1 + s2 < 0)
+        label = sentiment + 1  # negative, neutral, positive
+        if rng.random() < noise:
+            label = rng.randrange(3)
+        rows.append({"text": text[0].upper() + text[1:] + ".", "label": label})
+    return rows[:num_train], rows[num_train:]
+
+
+# ------------------------------------------------------------------------------------ what each app needs
+
+def client_train_set(cfg: DictConfig, tokenizer, partition_id: int, num_partitions: int) -> TensorDataset:
+    """This data owner's tokenized training partition."""
+    train = load_split(cfg.dataset, "train")
+    return encode(partition(train, num_partitions, partition_id, cfg.seed), tokenizer, cfg)
+
+
+def test_sets(cfg: DictConfig, tokenizer) -> tuple[list[TensorDataset], torch.Tensor]:
+    """The server's test split: ([encoded split] or one encoded copy per candidate label, true labels)."""
+    test = load_split(cfg.dataset, "test")
+    if cfg.model.task == "classification":
+        sets = [encode(test, tokenizer, cfg)]
+    else:
+        sets = [encode(test, tokenizer, cfg, answer=k) for k in range(len(cfg.dataset.label_names))]
+    return sets, torch.tensor(list(test["label"]))

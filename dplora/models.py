@@ -1,0 +1,129 @@
+"""Base model + LoRA adapter for each task type, and the adapter <-> ArrayRecord conversion.
+
+Only the adapter (LoRA matrices, plus the classification head for classification) is trainable, and only
+it crosses the wire: `adapter_state` returns exactly the trainable tensors, as fp32.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from flwr.app import ArrayRecord
+from omegaconf import DictConfig, OmegaConf
+from peft import LoraConfig, PeftModel, TaskType, get_peft_model, get_peft_model_state_dict
+from peft import set_peft_model_state_dict
+from transformers import (AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
+                          LlamaConfig, LlamaForCausalLM)
+from transformers.modeling_outputs import SequenceClassifierOutput
+from transformers.utils import logging as hf_logging
+
+hf_logging.set_verbosity_error()  # the "newly initialized head" notice is expected: the head trains
+hf_logging.disable_progress_bar()
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def build_tokenizer(model_cfg: DictConfig):
+    tokenizer = AutoTokenizer.from_pretrained(model_cfg.tokenizer or model_cfg.pretrained)
+    # Causal LMs need a pad, a begin and an end token; BERT-style vocabularies name them differently.
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.eos_token is None and tokenizer.sep_token is not None:
+        tokenizer.eos_token = tokenizer.sep_token
+    if tokenizer.bos_token is None and tokenizer.cls_token is not None:
+        tokenizer.bos_token = tokenizer.cls_token
+    return tokenizer
+
+
+def build_base_model(cfg: DictConfig, tokenizer) -> torch.nn.Module:
+    """The frozen base model, identical on the server and every client (random weights seeded by cfg.seed)."""
+    model_cfg, num_labels = cfg.model, len(cfg.dataset.label_names)
+    with torch.random.fork_rng():
+        torch.manual_seed(cfg.seed)
+        if model_cfg.task == "classification" and model_cfg.pooling == "mean":
+            model = MeanPoolingClassifier(AutoModel.from_pretrained(model_cfg.pretrained, dtype=torch.float32),
+                                          num_labels)
+        elif model_cfg.task == "classification":
+            model = AutoModelForSequenceClassification.from_pretrained(
+                model_cfg.pretrained, num_labels=num_labels, dtype=torch.float32)
+            if model.config.pad_token_id is None:
+                model.config.pad_token_id = tokenizer.pad_token_id
+        elif model_cfg.pretrained is None:
+            arch = OmegaConf.to_container(model_cfg.architecture)
+            model = LlamaForCausalLM(LlamaConfig(
+                vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, **arch))
+        else:
+            model = AutoModelForCausalLM.from_pretrained(model_cfg.pretrained, dtype=torch.float32)
+    return model
+
+
+class MeanPoolingClassifier(torch.nn.Module):
+    """A pretrained encoder, mean-pooled over the real tokens, and a linear head.
+
+    Sentence-transformers trains MiniLM with mean pooling, so its pooled embedding is a far better starting
+    point than the [CLS] token that AutoModelForSequenceClassification feeds to its head (model.pooling=cls).
+    """
+
+    def __init__(self, encoder: torch.nn.Module, num_labels: int):
+        super().__init__()
+        self.encoder, self.config = encoder, encoder.config
+        self.classifier = torch.nn.Linear(encoder.config.hidden_size, num_labels)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **_) -> SequenceClassifierOutput:
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+        return SequenceClassifierOutput(logits=self.classifier(pooled))
+
+
+def lora_config(cfg: DictConfig) -> LoraConfig:
+    lora, task = cfg.model.lora, cfg.model.task
+    if task == "classification" and cfg.model.pooling == "mean":  # a plain module: name the head ourselves
+        task_type, modules_to_save = None, ["classifier"]
+    else:  # peft's task types know their heads (classifier / score) and freeze the LM head
+        task_type, modules_to_save = (TaskType.SEQ_CLS if task == "classification" else TaskType.CAUSAL_LM), None
+    return LoraConfig(task_type=task_type, r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                      target_modules=list(lora.target_modules), modules_to_save=modules_to_save, bias="none")
+
+
+def build_model(cfg: DictConfig, device: str | torch.device = "cpu"):
+    """(peft model with a fresh LoRA adapter, tokenizer). The model is on `device`, in train mode."""
+    tokenizer = build_tokenizer(cfg.model)
+    base = build_base_model(cfg, tokenizer).to(device)  # to its device before get_peft_model
+    with torch.random.fork_rng():
+        torch.manual_seed(cfg.seed)  # the server's initial adapter is reproducible
+        model = get_peft_model(base, lora_config(cfg))
+    model.train()
+    return model, tokenizer
+
+
+# ------------------------------------------------------------------------------- adapter <-> ArrayRecord
+
+def adapter_state(model: PeftModel) -> dict[str, torch.Tensor]:
+    """The trainable adapter tensors (LoRA + head), fp32 on CPU, keyed as peft saves them."""
+    state = get_peft_model_state_dict(model)
+    return {k: v.detach().to("cpu", torch.float32).clone() for k, v in state.items()}
+
+
+def load_adapter_state(model: PeftModel, state: dict[str, torch.Tensor]) -> None:
+    """Load adapter tensors into `model`; the keys must be exactly the adapter's."""
+    expected = set(get_peft_model_state_dict(model))
+    if set(state) != expected:
+        missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
+        raise ValueError(f"adapter keys differ from the model's: missing {missing[:3]}, unexpected {extra[:3]}")
+    set_peft_model_state_dict(model, state)
+
+
+def to_arrays(model: PeftModel) -> ArrayRecord:
+    return ArrayRecord(adapter_state(model))
+
+
+def from_arrays(model: PeftModel, arrays: ArrayRecord) -> None:
+    load_adapter_state(model, arrays.to_torch_state_dict())
+
+
+def num_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())

@@ -1,0 +1,135 @@
+"""One local training round (DP and non-DP share it) and evaluation.
+
+The loss is per sequence (classification: cross-entropy of the example; causal LM: mean NLL over that
+example's answer tokens), averaged over the batch. No token count is shared across a batch, so each
+example's gradient depends on that example only, as per-example clipping requires.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+from torch.utils.data import DataLoader, TensorDataset
+
+from .data import IGNORE_INDEX
+from .privacy import PrivacyAccount, empty_batch_step
+
+# Opacus' hooks fire on frozen inputs (the base model is frozen): expected, and harmless.
+warnings.filterwarnings("ignore", message="Full backward hook is firing")
+
+
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _trim(batch: list[torch.Tensor], dev: torch.device) -> list[torch.Tensor]:
+    """Move to device and cut the padding columns that no example in the batch uses."""
+    ids, mask, labels = (t.to(dev) for t in batch)
+    width = max(int(mask.sum(dim=1).max()), 1)
+    if labels.dim() == 2:
+        labels = labels[:, :width]
+    return [ids[:, :width], mask[:, :width], labels]
+
+
+def sequence_losses(model: torch.nn.Module, batch: list[torch.Tensor], task: str) -> torch.Tensor:
+    """The loss of each example in the batch, shape (batch,)."""
+    ids, mask, labels = batch
+    logits = model(input_ids=ids, attention_mask=mask).logits
+    if task == "classification":
+        return F.cross_entropy(logits.float(), labels, reduction="none")
+    logits, targets = logits[:, :-1].float(), labels[:, 1:]
+    token_loss = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none")
+    answer = (targets != IGNORE_INDEX).float()
+    return (token_loss * answer).sum(dim=1) / answer.sum(dim=1).clamp(min=1.0)
+
+
+def make_optimizer(params: list[torch.nn.Parameter], train_cfg: DictConfig) -> torch.optim.Optimizer:
+    if train_cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=train_cfg.learning_rate, momentum=train_cfg.momentum,
+                               weight_decay=train_cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=train_cfg.learning_rate, weight_decay=train_cfg.weight_decay)
+
+
+def train_round(model: torch.nn.Module, train_set: TensorDataset, cfg: DictConfig,
+                account: PrivacyAccount, seed: int) -> dict:
+    """Train `cfg.train.local_epochs` epochs on `train_set`; with DP if `account.private`.
+
+    Updates `account.steps` from the accountant. Returns {"steps": steps this round, "seconds": ...}.
+    """
+    dev = device()
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)  # dropout and Opacus' noise
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(params, cfg.train)
+    loader = DataLoader(train_set, batch_size=cfg.train.batch_size, shuffle=True, generator=generator)
+    engine, module = None, model
+    if account.private:
+        module, optimizer, loader, engine = account.make_private(model, optimizer, loader)
+    module.train()
+    start, steps_before, steps = time.perf_counter(), account.steps, 0
+    try:
+        for epoch in range(cfg.train.local_epochs):
+            for batch in loader:
+                optimizer.zero_grad(set_to_none=True)
+                if batch[0].shape[0] == 0:  # an empty Poisson batch still counts as a DP step
+                    empty_batch_step(optimizer)
+                else:
+                    sequence_losses(module, _trim(batch, dev), cfg.model.task).mean().backward()
+                    optimizer.step()
+                steps += 1
+    finally:
+        if engine is not None:
+            module._close()  # remove Opacus' hooks so `model` is plain again
+    if engine is not None:
+        account.record_steps(engine)
+        if account.steps - steps_before != steps:
+            raise RuntimeError(f"accountant counted {account.steps - steps_before} steps, the loop {steps}")
+    else:
+        account.steps += steps
+    return {"steps": steps, "seconds": time.perf_counter() - start}
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, eval_sets: list[TensorDataset], labels: torch.Tensor, cfg: DictConfig) -> dict:
+    """Accuracy, loss and macro-F1 on a test split.
+
+    classification: `eval_sets` is [the encoded split]. causal_lm: one encoded copy per label (each with that
+    label's answer); the prediction is the label whose answer has the lowest per-token NLL, and the loss is
+    the NLL of the true label's answer.
+    """
+    dev, task = device(), cfg.model.task
+    was_training = model.training
+    model.eval()
+    scores = []
+    for eval_set in eval_sets:
+        out = []
+        for batch in DataLoader(eval_set, batch_size=cfg.eval.batch_size):
+            batch = _trim(batch, dev)
+            if task == "classification":
+                out.append(model(input_ids=batch[0], attention_mask=batch[1]).logits.float().cpu())
+            else:
+                out.append(-sequence_losses(model, batch, task).cpu())
+        scores.append(torch.cat(out))
+    if task == "classification":
+        scores = scores[0]
+        loss = float(F.cross_entropy(scores, labels))
+    else:
+        scores = torch.stack(scores, dim=1)  # (examples, labels): -NLL of each candidate answer
+        loss = float(-scores.gather(1, labels[:, None]).mean())
+    model.train(was_training)
+    preds = scores.argmax(dim=1)
+    return {"accuracy": float((preds == labels).float().mean()), "loss": loss,
+            "macro_f1": macro_f1(preds, labels, num_classes=scores.shape[1])}
+
+
+def macro_f1(preds: torch.Tensor, labels: torch.Tensor, num_classes: int) -> float:
+    f1s = []
+    for c in range(num_classes):
+        tp = int(((preds == c) & (labels == c)).sum())
+        fp, fn = int(((preds == c) & (labels != c)).sum()), int(((preds != c) & (labels == c)).sum())
+        f1s.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0)
+    return sum(f1s) / num_classes

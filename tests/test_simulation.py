@@ -1,0 +1,113 @@
+"""End to end, as a user runs it: `flwr run .` on a local simulation SuperLink, then the results on disk."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+import torch
+from peft import PeftModel
+
+from dplora import config, data, models
+from dplora.train import evaluate
+
+from .conftest import ROOT
+
+ENV_PORT = "127.0.0.1:39091"  # the address `flwr run` probes for a local SuperLink
+
+
+def _superlink_up() -> bool:
+    try:
+        with urllib.request.urlopen(f"http://{ENV_PORT}/health", timeout=1) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+@pytest.fixture
+def local_superlink(tmp_path):
+    """A simulation SuperLink we start (so we know its PID) and always stop, with FLWR_HOME in tmp_path."""
+    if _superlink_up():
+        pytest.fail(f"a SuperLink already listens on {ENV_PORT}; stop it before running this test")
+    env = {**os.environ, "FLWR_HOME": str(tmp_path / "flwr-home"),
+           "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "HF_HUB_OFFLINE": "1"}
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+    log = open(tmp_path / "superlink.log", "w")
+    proc = subprocess.Popen(
+        [shutil.which("flower-superlink", path=env["PATH"]), "--insecure", "--simulation",
+         "--isolation", "subprocess", "--host", "127.0.0.1", "--port", "39091",
+         "--control-api-address", "127.0.0.1:39093", "--disable-runtime-dependency-installation"],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 60
+        while not _superlink_up():
+            if proc.poll() is not None or time.time() > deadline:
+                raise RuntimeError(f"SuperLink did not start: {(tmp_path / 'superlink.log').read_text()[-2000:]}")
+            time.sleep(0.5)
+        yield env
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)  # the SuperLink and every process it started
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
+
+
+OVERRIDES = "model=tiny-llama num_rounds=2 dataset.num_train=200 dataset.num_test=60 train.batch_size=16"
+
+
+def test_flwr_run_simulation_end_to_end(local_superlink, tmp_path):
+    out = tmp_path / "run"
+    start = time.time()
+    proc = subprocess.run(
+        ["flwr", "run", ".", "--stream", "--run-config", f"overrides='{OVERRIDES}' output-dir='{out}'",
+         "--federation-config", "num-supernodes=2"],
+        cwd=ROOT, env=local_superlink, capture_output=True, text=True, timeout=600)
+    logs = proc.stdout + proc.stderr
+    assert (out / "metrics.json").is_file(), f"no metrics.json; flwr run said:\n{logs[-4000:]}"
+    assert time.time() - start < 300
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    cfg = config.compose(OVERRIDES)
+    assert metrics["config"] == config.to_dict(cfg)
+    assert [r["round"] for r in metrics["rounds"]] == [1, 2]
+    assert "round 2/2: accuracy" in logs  # the one-line summary per round
+    for entry in metrics["rounds"]:
+        assert len(entry["clients"]) == 2 and not entry["refused"] and not entry["failed"]
+        assert 0 <= entry["accuracy"] <= 1 and entry["loss"] > 0
+        assert entry["epsilon"] == max(c["epsilon"] for c in entry["clients"])
+        for c in entry["clients"]:
+            assert set(c) == {"node_id", "epsilon", "noise_multiplier", "sample_rate", "steps", "delta",
+                              "num_examples"}
+            assert c["num_examples"] == 100 and c["delta"] == 1e-5 and c["noise_multiplier"] > 0
+    first, last = metrics["rounds"][0]["clients"], metrics["rounds"][1]["clients"]
+    assert {c["node_id"]: 2 * c["steps"] for c in first} == {c["node_id"]: c["steps"] for c in last}
+    assert metrics["rounds"][1]["epsilon"] <= cfg.privacy.target_epsilon
+    assert metrics["rounds"][1]["epsilon"] > metrics["rounds"][0]["epsilon"]
+
+    # every epsilon re-derives with an independent accountant
+    verify = subprocess.run([sys.executable, "scripts/verify_privacy.py", str(out / "metrics.json")],
+                            cwd=ROOT, capture_output=True, text=True)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    assert "4 of 4 client epsilons re-derived within 2%" in verify.stdout
+
+    # the final adapter loads with peft onto the same base model and reproduces the final evaluation
+    _, tokenizer = models.build_model(cfg)
+    base = models.build_base_model(cfg, tokenizer)
+    model = PeftModel.from_pretrained(base, out / "adapter")
+    lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
+    assert lora_b and all(p.abs().sum() > 0 for p in lora_b)  # trained, not the zero init
+    sets, labels = data.test_sets(cfg, tokenizer)
+    final = evaluate(model, sets, labels, cfg)
+    assert final["accuracy"] == pytest.approx(metrics["rounds"][-1]["accuracy"], abs=1e-6)
+    assert final["loss"] == pytest.approx(metrics["rounds"][-1]["loss"], rel=1e-4)
+    assert json.loads((out / "checkpoint" / "round.json").read_text()) == {"round": 2}
+    checkpoint = PeftModel.from_pretrained(models.build_base_model(cfg, tokenizer), out / "checkpoint")
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), checkpoint.parameters()))
