@@ -14,7 +14,7 @@ from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from omegaconf import DictConfig
 
 from . import data, models
-from .privacy import STATE_KEY, BudgetExhausted, PrivacyAccount
+from .privacy import STATE_KEY, BudgetExhausted, PrivacyAccount, steps_per_epoch
 from .train import device, train_round
 
 log = logging.getLogger(f"flwr.{__name__}")  # under Flower's logger: shown by `flwr run --stream`
@@ -41,9 +41,8 @@ def train(cfg: DictConfig, arrays: ArrayRecord, state: RecordDict, *, partition_
     models.from_arrays(model, arrays)
     train_set = data.client_train_set(cfg, tokenizer, partition_id, num_partitions)
     account = load_account(state, cfg, len(train_set))
-    round_steps = cfg.train.local_epochs * round(1 / account.sample_rate)
     try:
-        account.check_budget(round_steps)
+        account.check_budget(cfg.train.local_epochs * steps_per_epoch(len(train_set), cfg.train.batch_size))
     except BudgetExhausted as refusal:
         log.warning("partition %d, round %d: %s", partition_id, server_round, refusal)
         return RecordDict({METRICS: MetricRecord({"num-examples": 0, **account.metrics()}),

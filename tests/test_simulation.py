@@ -60,7 +60,8 @@ def local_superlink(tmp_path):
         log.close()
 
 
-OVERRIDES = "model=tiny-llama num_rounds=2 dataset.num_train=200 dataset.num_test=60 train.batch_size=16"
+OVERRIDES = ("model=tiny-llama num_rounds=2 dataset.num_train=200 dataset.num_test=60 train.batch_size=16 "
+             "train.local_epochs=1")
 
 
 def test_flwr_run_simulation_end_to_end(local_superlink, tmp_path):

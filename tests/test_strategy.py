@@ -1,0 +1,70 @@
+"""The server's strategy: averages adapters, sets aside refusals and failures, records client privacy."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
+
+from dplora.results import RunRecorder
+from server_app.strategy import AdapterFedAvg
+
+
+@pytest.fixture(autouse=True)
+def task_identity(monkeypatch):
+    """Messages need the identity of a running task; outside a Flower run we provide one."""
+    from flwr.supercore.task_identity import TaskIdentity
+    for attribute in ("_run_id", "_task_id", "_node_id"):
+        monkeypatch.setattr(TaskIdentity, attribute, 1)
+
+
+def _reply(node_id: int, content: RecordDict | Error) -> Message:
+    request = Message(content=RecordDict(), dst_node_id=node_id, message_type=MessageType.TRAIN)
+    return Message(content, reply_to=request)
+
+
+def _privacy(eps, steps=10):
+    return {"epsilon": eps, "noise_multiplier": 1.1, "sample_rate": 0.1, "steps": steps, "delta": 1e-5}
+
+
+def _trained(node_id, value, n, eps):
+    return _reply(node_id, RecordDict({
+        "arrays": ArrayRecord({"w": Array(np.full((2, 2), value, dtype=np.float32))}),
+        "metrics": MetricRecord({"num-examples": n, **_privacy(eps)})}))
+
+
+def test_aggregates_trained_replies_and_records_refusals_and_failures(tmp_path):
+    recorder = RunRecorder(tmp_path, {"privacy": {"target_epsilon": 8}}, num_rounds=1)
+    strategy = AdapterFedAvg(recorder)
+    replies = [
+        _trained(1, 1.0, 100, 3.0),
+        _trained(2, 4.0, 300, 2.5),
+        _reply(3, RecordDict({"metrics": MetricRecord({"num-examples": 0, **_privacy(7.9, 40)}),
+                              "status": ConfigRecord({"refused": "refusing to train: budget"})})),
+        _reply(4, Error(code=0, reason="ClientApp raised RuntimeError")),
+    ]
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    np.testing.assert_allclose(arrays["w"].numpy(), np.full((2, 2), (1.0 * 100 + 4.0 * 300) / 400))
+    assert metrics["clients"] == 2 and metrics["examples"] == 400 and metrics["epsilon-max"] == 3.0
+
+    recorder.record_round(1, {"accuracy": 0.5, "loss": 1.0, "macro_f1": 0.4})
+    entry = json.loads(recorder.path.read_text())["rounds"][0]
+    assert [c["node_id"] for c in entry["clients"]] == [1, 2]
+    assert entry["refused"][0]["node_id"] == 3 and "budget" in entry["refused"][0]["reason"]
+    assert entry["failed"] == [{"node_id": 4, "reason": "ClientApp raised RuntimeError"}]
+    assert entry["epsilon"] == 7.9  # the refusing owner has spent the most
+
+
+def test_round_with_no_trained_client_keeps_the_adapter(tmp_path):
+    recorder = RunRecorder(tmp_path, {}, num_rounds=1)
+    arrays, metrics = AdapterFedAvg(recorder).aggregate_train(1, [_reply(4, Error(code=0, reason="timeout"))])
+    assert arrays is None and metrics is None
+
+
+def test_non_private_clients_record_null_epsilon(tmp_path):
+    recorder = RunRecorder(tmp_path, {}, num_rounds=1)
+    AdapterFedAvg(recorder).aggregate_train(1, [_trained(1, 1.0, 10, math.inf), _trained(2, 2.0, 10, math.inf)])
+    recorder.record_round(1, {"accuracy": 0.5, "loss": 1.0, "macro_f1": 0.4})
+    entry = json.loads(recorder.path.read_text())["rounds"][0]
+    assert entry["epsilon"] is None and all(c["epsilon"] is None for c in entry["clients"])
