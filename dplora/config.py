@@ -117,7 +117,8 @@ def validate(cfg: DictConfig) -> None:
     _number(cfg, "strategy.min_clients", kind=int, low=1)
     _number(cfg, "strategy.round_timeout", low=0, low_open=True)
 
-    _number(cfg, "privacy.target_epsilon", low=0, low_open=True, nullable=True)
+    # Above 100 a guarantee is vacuous (and noise calibration degenerates): train with privacy=none instead.
+    _number(cfg, "privacy.target_epsilon", low=0, high=100, low_open=True, nullable=True)
     _number(cfg, "privacy.delta", low=0, high=1, low_open=True, high_open=True)
     _number(cfg, "privacy.max_grad_norm", low=0, low_open=True)
     _choice(cfg, "privacy.accountant", ACCOUNTANTS)

@@ -106,12 +106,23 @@ def adapter_state(model: PeftModel) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", torch.float32).clone() for k, v in state.items()}
 
 
-def load_adapter_state(model: PeftModel, state: dict[str, torch.Tensor]) -> None:
-    """Load adapter tensors into `model`; the keys must be exactly the adapter's."""
-    expected = set(get_peft_model_state_dict(model))
-    if set(state) != expected:
-        missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
+def check_adapter(state: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> None:
+    """Raise ValueError unless `state` has exactly the reference's keys, shapes and dtype, with finite values."""
+    if set(state) != set(reference):
+        missing, extra = sorted(set(reference) - set(state)), sorted(set(state) - set(reference))
         raise ValueError(f"adapter keys differ from the model's: missing {missing[:3]}, unexpected {extra[:3]}")
+    for key, ref in reference.items():
+        value = state[key]
+        if value.shape != ref.shape or value.dtype != ref.dtype:
+            raise ValueError(f"adapter tensor {key} is {value.dtype}{list(value.shape)}, "
+                             f"expected {ref.dtype}{list(ref.shape)}")
+        if not torch.isfinite(value).all():
+            raise ValueError(f"adapter tensor {key} has non-finite values")
+
+
+def load_adapter_state(model: PeftModel, state: dict[str, torch.Tensor]) -> None:
+    """Load adapter tensors into `model` after checking them against the model's own adapter."""
+    check_adapter(state, adapter_state(model))
     set_peft_model_state_dict(model, state)
 
 

@@ -39,10 +39,11 @@ def main(grid: Grid, context: Context) -> None:
             save_adapter(model, out_dir / "checkpoint", {"round": server_round})
         return MetricRecord(metrics)
 
-    strategy = AdapterFedAvg(recorder, fraction_train=cfg.strategy.fraction_train,
+    initial_arrays = models.to_arrays(model)
+    strategy = AdapterFedAvg(recorder, initial_arrays, fraction_train=cfg.strategy.fraction_train,
                              min_train_nodes=cfg.strategy.min_clients,
                              min_available_nodes=cfg.strategy.min_clients)
-    result = strategy.start(grid=grid, initial_arrays=models.to_arrays(model), num_rounds=cfg.num_rounds,
+    result = strategy.start(grid=grid, initial_arrays=initial_arrays, num_rounds=cfg.num_rounds,
                             timeout=cfg.strategy.round_timeout, train_config=ConfigRecord(),
                             evaluate_fn=evaluate_global)
     models.from_arrays(model, result.arrays)

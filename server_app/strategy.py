@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterable
 
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
 
-from dplora.client import METRICS, STATUS
-from dplora.results import RunRecorder, client_record
+from dplora.client import ARRAYS, METRICS, STATUS
+from dplora.models import check_adapter
+from dplora.results import PRIVACY_KEYS, RunRecorder, client_record
 
 log = logging.getLogger(f"flwr.{__name__}")  # under Flower's logger: shown by `flwr run --stream`
 
@@ -30,9 +32,10 @@ class AdapterFedAvg(FedAvg):
     never report metrics computed on their private data.
     """
 
-    def __init__(self, recorder: RunRecorder, **kwargs):
+    def __init__(self, recorder: RunRecorder, reference: ArrayRecord, **kwargs):
         super().__init__(fraction_evaluate=0.0, train_metrics_aggr_fn=privacy_summary, **kwargs)
         self.recorder = recorder
+        self.reference = reference.to_torch_state_dict()  # the adapter's keys, shapes and dtypes
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -42,6 +45,9 @@ class AdapterFedAvg(FedAvg):
             if msg.has_error():
                 log.warning("round %d: node %d failed: %s", server_round, node, msg.error.reason)
                 failed.append({"node_id": node, "reason": msg.error.reason})
+            elif problem := self.invalid(msg.content):
+                log.warning("round %d: node %d sent an invalid reply, excluded: %s", server_round, node, problem)
+                failed.append({"node_id": node, "reason": f"invalid reply: {problem}"})
             elif STATUS in msg.content.config_records:
                 reason = str(msg.content[STATUS]["refused"])
                 log.warning("round %d: node %d refused: %s", server_round, node, reason)
@@ -54,3 +60,26 @@ class AdapterFedAvg(FedAvg):
             log.warning("round %d: no client trained; the global adapter is unchanged", server_round)
             return None, None
         return super().aggregate_train(server_round, trained)
+
+    def invalid(self, content: RecordDict) -> str | None:
+        """Why a reply cannot be aggregated or recorded, or None if it is well formed."""
+        refusal = STATUS in content.config_records
+        expected = {METRICS} | ({STATUS} if refusal else {ARRAYS})
+        if set(content.keys()) != expected:
+            return f"records {sorted(content.keys())}, expected {sorted(expected)}"
+        metrics = content[METRICS]
+        for key in ("num-examples", *PRIVACY_KEYS):
+            value = metrics.get(key)
+            if not isinstance(value, (int, float)) or math.isnan(value) or value < 0:
+                return f"metric {key}={value!r} is missing, negative or not a number"
+            if math.isinf(value) and key != "epsilon":
+                return f"metric {key} is infinite"
+        if refusal:
+            return None
+        if metrics["num-examples"] <= 0 or not float(metrics["num-examples"]).is_integer():
+            return f"num-examples={metrics['num-examples']!r} must be a positive integer"
+        try:
+            check_adapter(content[ARRAYS].to_torch_state_dict(), self.reference)
+        except Exception as err:  # noqa: BLE001 - whatever a client sends must not crash the server
+            return str(err)
+        return None

@@ -25,6 +25,7 @@ def test_overrides_apply_and_groups_switch():
     ("privacy.target_epsilon=0", "privacy.target_epsilon"),
     ("privacy.target_epsilon=-1", "privacy.target_epsilon"),
     ("privacy.target_epsilon=abc", "privacy.target_epsilon"),
+    ("privacy.target_epsilon=1000", "privacy.target_epsilon"),
     ("privacy.delta=0", "privacy.delta"),
     ("privacy.delta=1", "privacy.delta"),
     ("privacy.delta=1.5", "privacy.delta"),

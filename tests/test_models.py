@@ -7,7 +7,7 @@ from flwr.app import ArrayRecord
 from dplora import config, models
 
 
-@pytest.mark.parametrize("overrides", ["model=tiny-llama", ""])
+@pytest.mark.parametrize("overrides", ["model=tiny-llama", "", "model.pooling=cls"])
 def test_only_trainable_adapter_tensors_are_exchanged(overrides):
     cfg = config.compose(overrides)
     model, _ = models.build_model(cfg)
@@ -30,9 +30,13 @@ def test_arrays_round_trip_and_reject_foreign_keys(tiny_cfg):
     state = {k: torch.randn_like(v) for k, v in models.adapter_state(model).items()}
     models.from_arrays(model, ArrayRecord(state))
     assert all(torch.equal(models.adapter_state(model)[k], v) for k, v in state.items())
-    state["base_model.model.lm_head.weight"] = torch.zeros(3)
-    with pytest.raises(ValueError, match="unexpected"):
-        models.from_arrays(model, ArrayRecord(state))
+    key = next(iter(state))
+    for bad, message in [({**state, key: torch.full_like(state[key], float("nan"))}, "non-finite"),
+                         ({**state, key: state[key][:1]}, "expected torch.float32"),
+                         ({**state, key: state[key].double()}, "float64"),
+                         ({**state, "base_model.model.lm_head.weight": torch.zeros(3)}, "unexpected")]:
+        with pytest.raises(ValueError, match=message):
+            models.from_arrays(model, ArrayRecord(bad))
 
 
 def test_base_model_and_initial_adapter_are_reproducible(tiny_cfg):

@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -24,6 +25,9 @@ def _reply(node_id: int, content: RecordDict | Error) -> Message:
     return Message(content, reply_to=request)
 
 
+REFERENCE = ArrayRecord({"w": Array(np.zeros((2, 2), dtype=np.float32))})
+
+
 def _privacy(eps, steps=10):
     return {"epsilon": eps, "noise_multiplier": 1.1, "sample_rate": 0.1, "steps": steps, "delta": 1e-5}
 
@@ -36,7 +40,7 @@ def _trained(node_id, value, n, eps):
 
 def test_aggregates_trained_replies_and_records_refusals_and_failures(tmp_path):
     recorder = RunRecorder(tmp_path, {"privacy": {"target_epsilon": 8}}, num_rounds=1)
-    strategy = AdapterFedAvg(recorder)
+    strategy = AdapterFedAvg(recorder, REFERENCE)
     replies = [
         _trained(1, 1.0, 100, 3.0),
         _trained(2, 4.0, 300, 2.5),
@@ -58,13 +62,40 @@ def test_aggregates_trained_replies_and_records_refusals_and_failures(tmp_path):
 
 def test_round_with_no_trained_client_keeps_the_adapter(tmp_path):
     recorder = RunRecorder(tmp_path, {}, num_rounds=1)
-    arrays, metrics = AdapterFedAvg(recorder).aggregate_train(1, [_reply(4, Error(code=0, reason="timeout"))])
+    arrays, metrics = AdapterFedAvg(recorder, REFERENCE).aggregate_train(1, [_reply(4, Error(code=0, reason="timeout"))])
     assert arrays is None and metrics is None
 
 
 def test_non_private_clients_record_null_epsilon(tmp_path):
     recorder = RunRecorder(tmp_path, {}, num_rounds=1)
-    AdapterFedAvg(recorder).aggregate_train(1, [_trained(1, 1.0, 10, math.inf), _trained(2, 2.0, 10, math.inf)])
+    AdapterFedAvg(recorder, REFERENCE).aggregate_train(1, [_trained(1, 1.0, 10, math.inf), _trained(2, 2.0, 10, math.inf)])
     recorder.record_round(1, {"accuracy": 0.5, "loss": 1.0, "macro_f1": 0.4})
     entry = json.loads(recorder.path.read_text())["rounds"][0]
     assert entry["epsilon"] is None and all(c["epsilon"] is None for c in entry["clients"])
+
+
+def _with(arrays=None, metrics=None, extra=None):
+    content = {"arrays": ArrayRecord({k: Array(v) for k, v in ({"w": np.ones((2, 2), np.float32)} if arrays is None else arrays).items()}),
+               "metrics": MetricRecord({"num-examples": 10, **_privacy(1.0), **(metrics or {})})}
+    return RecordDict({**content, **(extra or {})})
+
+
+@pytest.mark.parametrize("content, reason", [
+    (_with(arrays={"w": np.full((2, 2), np.nan, np.float32)}), "non-finite"),
+    (_with(arrays={"w": np.ones((3, 2), np.float32)}), r"expected torch.float32\[2, 2\]"),
+    (_with(arrays={"w": np.ones((2, 2), np.float64)}), "float64"),
+    (_with(arrays={"w": np.ones((2, 2), np.float32), "base.weight": np.ones(2, np.float32)}), "unexpected"),
+    (_with(arrays={}), "missing"),
+    (_with(metrics={"num-examples": -5}), "num-examples"),
+    (_with(metrics={"num-examples": 0}), "positive integer"),
+    (_with(metrics={"noise_multiplier": float("nan")}), "noise_multiplier"),
+    (_with(extra={"smuggled": ConfigRecord({"loss": "0.1"})}), "records"),
+])
+def test_invalid_replies_are_excluded_and_never_poison_the_average(tmp_path, content, reason):
+    recorder = RunRecorder(tmp_path, {}, num_rounds=1)
+    arrays, _ = AdapterFedAvg(recorder, REFERENCE).aggregate_train(1, [_trained(1, 2.0, 10, 1.0), _reply(9, content)])
+    np.testing.assert_array_equal(arrays["w"].numpy(), np.full((2, 2), 2.0))  # only the good reply counts
+    recorder.record_round(1, {"accuracy": 0.5, "loss": 1.0, "macro_f1": 0.4})
+    failed = json.loads(recorder.path.read_text())["rounds"][0]["failed"]
+    assert failed[0]["node_id"] == 9 and failed[0]["reason"].startswith("invalid reply")
+    assert re.search(reason, failed[0]["reason"]), failed[0]["reason"]
