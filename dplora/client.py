@@ -39,7 +39,11 @@ def train(cfg: DictConfig, arrays: ArrayRecord, state: RecordDict, *, partition_
     """Train one round on this owner's partition; update `state` (the privacy account) in place."""
     model, tokenizer = models.build_model(cfg, device())
     models.from_arrays(model, arrays)
-    train_set = data.client_train_set(cfg, tokenizer, partition_id, num_partitions)
+    local = data.client_partition(cfg, partition_id, num_partitions)
+    train_set = data.encode(local, tokenizer, cfg)
+    if STATE_KEY not in state.config_records:  # first round: describe the local data in this owner's own log
+        log.info("partition %d of %d (%s): %s", partition_id, num_partitions, cfg.partitioner.name,
+                 data.label_mix(local, list(cfg.dataset.label_names)))
     account = load_account(state, cfg, len(train_set))
     try:
         account.check_budget(cfg.train.local_epochs * steps_per_epoch(len(train_set), cfg.train.batch_size))

@@ -135,10 +135,15 @@ def validate(cfg: DictConfig) -> None:
     _number(cfg, "model.lora.dropout", low=0, high=1, high_open=True)
     _strings(cfg, "model.lora.target_modules")
 
+    if _choice(cfg, "partitioner.name", ("iid", "dirichlet")) == "dirichlet":
+        _number(cfg, "partitioner.alpha", low=0, low_open=True)
+        _number(cfg, "partitioner.min_partition_size", kind=int, low=0)
     source = _choice(cfg, "dataset.source", SOURCES)
-    if source == "local" and not OmegaConf.select(cfg, "dataset.path", throw_on_missing=False):
-        raise ConfigError(f"dataset.path is required for dataset={cfg.dataset.name} "
-                          f"(a folder with train.jsonl and test.jsonl)")
+    if source == "local":
+        if not OmegaConf.select(cfg, "dataset.path", throw_on_missing=False):
+            raise ConfigError(f"dataset.path is required for dataset={cfg.dataset.name} "
+                              f"(a folder with train.<format> and test.<format>)")
+        _choice(cfg, "dataset.format", ("jsonl", "csv", "parquet"))
     if source == "synthetic":
         _number(cfg, "dataset.num_train", kind=int, low=1)
         _number(cfg, "dataset.num_test", kind=int, low=1)

@@ -7,13 +7,14 @@ to `model.max_length`, so Opacus' Poisson loader can build empty batches of the 
 
 from __future__ import annotations
 
+import csv
 import json
 import random
 from pathlib import Path
 
 import datasets
 import torch
-from flwr_datasets.partitioner import IidPartitioner
+from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
 from omegaconf import DictConfig
 from torch.utils.data import TensorDataset
 
@@ -26,54 +27,88 @@ class DataError(ValueError):
 
 # ----------------------------------------------------------------------------------------------- loading
 
+FORMATS = {"jsonl": "jsonl", "csv": "csv", "parquet": "parquet"}  # dataset.format -> file extension
+
+
 def load_split(dataset_cfg: DictConfig, split: str) -> datasets.Dataset:
     """The `split` ("train" or "test") of the configured dataset."""
     if dataset_cfg.source == "synthetic":
         train, test = synthetic_reviews(dataset_cfg.num_train, dataset_cfg.num_test)
         rows = train if split == "train" else test
     else:
-        rows = read_jsonl(Path(dataset_cfg.path) / f"{split}.jsonl", dataset_cfg)
+        fmt = dataset_cfg.get("format", "jsonl")
+        rows = read_rows(Path(dataset_cfg.path) / f"{split}.{FORMATS[fmt]}", dataset_cfg, fmt)
     return datasets.Dataset.from_list(rows)
 
 
-def read_jsonl(path: Path, dataset_cfg: DictConfig) -> list[dict]:
-    """Read and check a JSON Lines file: every line an object with the text fields and a known label."""
-    if not path.is_file():
-        raise DataError(f"{path}: file not found (check dataset.path)")
-    fields = list(dataset_cfg.text_fields)
-    label_key, names = dataset_cfg.label_field, list(dataset_cfg.label_names)
-    rows = []
-    with path.open(encoding="utf-8") as f:
+def _records(path: Path, fmt: str):
+    """(line or row number, record) for each record of a JSON Lines, CSV or Parquet file."""
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+        try:
+            table = pq.read_table(path)
+        except Exception as err:  # noqa: BLE001 - pyarrow raises several types for a bad file
+            raise DataError(f"{path}: not a readable Parquet file ({err})") from err
+        yield from enumerate(table.to_pylist(), start=1)
+        return
+    with path.open(encoding="utf-8", newline="") as f:
+        if fmt == "csv":
+            reader = csv.DictReader(f)
+            for row in reader:  # line numbers count the header as line 1
+                yield reader.line_num, row
+            return
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
+                yield lineno, json.loads(line)
             except json.JSONDecodeError as err:
                 raise DataError(f"{path}:{lineno}: not valid JSON ({err.msg})") from err
-            if not isinstance(record, dict):
-                raise DataError(f"{path}:{lineno}: expected a JSON object")
-            for key in [*fields, label_key]:
-                if key not in record:
-                    raise DataError(f"{path}:{lineno}: missing field {key!r}")
-            for key in fields:
-                if not isinstance(record[key], str):
-                    raise DataError(f"{path}:{lineno}: field {key!r} must be a string")
-            label = record[label_key]
-            if label not in names:
-                raise DataError(f"{path}:{lineno}: unknown label {label!r} in field {label_key!r} "
-                                f"(expected one of {names})")
-            rows.append({**{k: record[k] for k in fields}, "label": names.index(label)})
+
+
+def read_rows(path: Path, dataset_cfg: DictConfig, fmt: str = "jsonl") -> list[dict]:
+    """Read and check a data file: every record has the text fields and a known label."""
+    if not path.is_file():
+        raise DataError(f"{path}: file not found (check dataset.path and dataset.format)")
+    fields = list(dataset_cfg.text_fields)
+    label_key, names = dataset_cfg.label_field, list(dataset_cfg.label_names)
+    rows = []
+    for lineno, record in _records(path, fmt):
+        if not isinstance(record, dict):
+            raise DataError(f"{path}:{lineno}: expected a JSON object")
+        for key in [*fields, label_key]:
+            if key not in record or record[key] is None:
+                raise DataError(f"{path}:{lineno}: missing field {key!r}")
+        for key in fields:
+            if not isinstance(record[key], str):
+                raise DataError(f"{path}:{lineno}: field {key!r} must be a string")
+        label = record[label_key]
+        if label not in names:
+            raise DataError(f"{path}:{lineno}: unknown label {label!r} in field {label_key!r} "
+                            f"(expected one of {names})")
+        rows.append({**{k: record[k] for k in fields}, "label": names.index(label)})
     if not rows:
         raise DataError(f"{path}: no records (empty file)")
     return rows
 
 
-def partition(dataset: datasets.Dataset, num_partitions: int, partition_id: int, seed: int) -> datasets.Dataset:
-    """This data owner's IID share of `dataset` (a flwr-datasets partitioner over a seeded shuffle)."""
+def partition(dataset: datasets.Dataset, num_partitions: int, partition_id: int, seed: int,
+              partitioner_cfg: DictConfig | None = None) -> datasets.Dataset:
+    """This data owner's share of `dataset`, by a flwr-datasets partitioner over a seeded shuffle.
+
+    `partitioner.name`: iid (equal shares) or dirichlet (label mix per owner drawn from Dirichlet(alpha):
+    smaller alpha, more skew). The same seed gives every owner the same partition in every process.
+    """
     if not 0 <= partition_id < num_partitions:
         raise DataError(f"partition-id {partition_id} is outside 0..{num_partitions - 1}")
-    partitioner = IidPartitioner(num_partitions=num_partitions)
+    name = "iid" if partitioner_cfg is None else partitioner_cfg.name
+    if name == "dirichlet":
+        partitioner = DirichletPartitioner(num_partitions=num_partitions, partition_by="label",
+                                           alpha=partitioner_cfg.alpha,
+                                           min_partition_size=partitioner_cfg.min_partition_size,
+                                           self_balancing=False, shuffle=True, seed=seed)
+    else:
+        partitioner = IidPartitioner(num_partitions=num_partitions)
     partitioner.dataset = dataset.shuffle(seed=seed)
     return partitioner.load_partition(partition_id)
 
@@ -164,10 +199,18 @@ def synthetic_reviews(num_train: int, num_test: int, noise: float = 0.08) -> tup
 
 # ------------------------------------------------------------------------------------ what each app needs
 
-def client_train_set(cfg: DictConfig, tokenizer, partition_id: int, num_partitions: int) -> TensorDataset:
-    """This data owner's tokenized training partition."""
+def client_partition(cfg: DictConfig, partition_id: int, num_partitions: int) -> datasets.Dataset:
+    """This data owner's training partition (simulation: a share of the dataset's training split)."""
     train = load_split(cfg.dataset, "train")
-    return encode(partition(train, num_partitions, partition_id, cfg.seed), tokenizer, cfg)
+    return partition(train, num_partitions, partition_id, cfg.seed, cfg.partitioner)
+
+
+def label_mix(dataset: datasets.Dataset, label_names: list[str]) -> str:
+    """e.g. "776 examples: negative 97, neutral 461, positive 218" (for the owner's own log)."""
+    counts = [0] * len(label_names)
+    for label in dataset["label"]:
+        counts[label] += 1
+    return f"{len(dataset)} examples: " + ", ".join(f"{n} {c}" for n, c in zip(label_names, counts))
 
 
 def test_sets(cfg: DictConfig, tokenizer) -> tuple[list[TensorDataset], torch.Tensor]:

@@ -39,9 +39,12 @@ def test_overrides_apply_and_groups_switch():
     ("train.learning_rate=0", "train.learning_rate"),
     ("strategy.fraction_train=0", "strategy.fraction_train"),
     ("dataset=fpb", "dataset.path"),
+    ("dataset=fpb dataset.path=/x dataset.format=xlsx", "dataset.format"),
     ("dataset.label_names=[only]", "dataset.label_names"),
     ("dataset.prompt='{nope}'", "dataset.prompt"),
     ("model=no-such-model", "model"),
+    ("partitioner=dirichlet partitioner.alpha=0", "partitioner.alpha"),
+    ("partitioner=zipf", "partitioner"),
     ("privacy.no_such_key=1", "no_such_key"),
     ("num_rounds", "num_rounds"),  # not an override at all
 ])

@@ -1,5 +1,6 @@
 """Data: the synthetic set, local JSON Lines files (and their errors), partitions, tokenization."""
 
+import csv
 import json
 from collections import Counter
 
@@ -66,6 +67,46 @@ def test_malformed_files_name_the_file_and_line(tmp_path, fpb_cfg, lines, messag
         data.load_split(cfg.dataset, "train")
 
 
+def _fpb_rows(shared_data, n=20):
+    return [json.loads(line) for line in (shared_data / "fpb" / "test.jsonl").read_text().splitlines()[:n]]
+
+
+@pytest.mark.parametrize("fmt", ["csv", "parquet"])
+def test_csv_and_parquet_read_like_jsonl(tmp_path, shared_data, fpb_cfg, fmt):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    rows = _fpb_rows(shared_data)
+    path = tmp_path / f"test.{fmt}"
+    if fmt == "csv":
+        with path.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=["text", "label"])
+            writer.writeheader()
+            writer.writerows(rows)
+    else:
+        pq.write_table(pa.Table.from_pylist(rows), path)
+    cfg = OmegaConf.merge(fpb_cfg, {"dataset": {"path": str(tmp_path), "format": fmt}})
+    loaded = data.load_split(cfg.dataset, "test")
+    names = list(cfg.dataset.label_names)
+    assert loaded["text"] == [r["text"] for r in rows] and loaded["label"] == [names.index(r["label"]) for r in rows]
+
+
+def test_malformed_csv_and_parquet_name_the_file_and_row(tmp_path, fpb_cfg):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    (tmp_path / "train.csv").write_text("text,label\nfine,positive\nno label here\n")
+    cfg = OmegaConf.merge(fpb_cfg, {"dataset": {"path": str(tmp_path), "format": "csv"}})
+    with pytest.raises(DataError, match=r"train\.csv:3: missing field 'label'"):
+        data.load_split(cfg.dataset, "train")
+    pq.write_table(pa.Table.from_pylist([{"text": "a", "label": "positive"}, {"text": "b", "label": "meh"}]),
+                   tmp_path / "train.parquet")
+    cfg = OmegaConf.merge(cfg, {"dataset": {"format": "parquet"}})
+    with pytest.raises(DataError, match=r"train\.parquet:2: unknown label 'meh'"):
+        data.load_split(cfg.dataset, "train")
+    (tmp_path / "test.parquet").write_text("not parquet")
+    with pytest.raises(DataError, match=r"test\.parquet: not a readable Parquet file"):
+        data.load_split(cfg.dataset, "test")
+
+
 def test_missing_file_names_the_path(tmp_path, fpb_cfg):
     cfg = OmegaConf.merge(fpb_cfg, {"dataset": {"path": str(tmp_path)}})
     with pytest.raises(DataError, match="test.jsonl: file not found"):
@@ -81,6 +122,22 @@ def test_iid_partitions_cover_the_data_once_with_a_fixed_seed():
     assert data.partition(train, 3, 1, seed=1)["text"] != parts[1]["text"]
     with pytest.raises(DataError, match="partition-id 3"):
         data.partition(train, 3, 3, seed=0)
+
+
+def test_dirichlet_partitions_skew_labels_and_are_reproducible(shared_data):
+    cfg = config.compose(f"dataset=fpb dataset.path={shared_data / 'fpb'} partitioner=dirichlet partitioner.alpha=0.3")
+    train = data.load_split(cfg.dataset, "train")
+    parts = [data.partition(train, 5, i, 0, cfg.partitioner) for i in range(5)]
+    assert sum(len(p) for p in parts) == len(train) and min(len(p) for p in parts) >= 10
+    overall = Counter(train["label"])
+    shares = [Counter(p["label"])[1] / len(p) for p in parts]  # share of "neutral" per owner
+    assert max(shares) - min(shares) > 0.2  # IID shares would all sit near the overall 59%
+    iid = [Counter(data.partition(train, 5, i, 0)["label"])[1] / (len(train) / 5) for i in range(5)]
+    assert max(iid) - min(iid) < 0.1 and abs(iid[0] - overall[1] / len(train)) < 0.05
+    again = data.partition(train, 5, 2, 0, cfg.partitioner)
+    assert again["text"] == parts[2]["text"]
+    assert data.partition(train, 5, 2, 1, cfg.partitioner)["text"] != parts[2]["text"]
+    assert "negative" in data.label_mix(parts[0], list(cfg.dataset.label_names))
 
 
 def test_causal_lm_encoding_puts_loss_on_the_answer_only(tiny_cfg):
