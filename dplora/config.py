@@ -116,6 +116,7 @@ def validate(cfg: DictConfig) -> None:
     _number(cfg, "strategy.fraction_train", low=0, high=1, low_open=True)
     _number(cfg, "strategy.min_clients", kind=int, low=1)
     _number(cfg, "strategy.round_timeout", low=0, low_open=True)
+    _number(cfg, "sweep.num_supernodes", kind=int, low=1)
 
     # Above 100 a guarantee is vacuous (and noise calibration degenerates): train with privacy=none instead.
     _number(cfg, "privacy.target_epsilon", low=0, high=100, low_open=True, nullable=True)

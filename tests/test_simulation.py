@@ -1,81 +1,40 @@
 """End to end, as a user runs it: `flwr run .` on a local simulation SuperLink, then the results on disk."""
 
 import json
-import os
-import shutil
-import signal
 import subprocess
 import sys
 import time
-import urllib.request
 
 import pytest
 import torch
 from peft import PeftModel
 
 from dplora import config, data, models
+from dplora.simulation import flwr_run, local_superlink
 from dplora.train import evaluate
 
 from .conftest import ROOT
 
-ENV_PORT = "127.0.0.1:39091"  # the address `flwr run` probes for a local SuperLink
-
-
-def _superlink_up() -> bool:
-    try:
-        with urllib.request.urlopen(f"http://{ENV_PORT}/health", timeout=1) as response:
-            return response.status == 200
-    except OSError:
-        return False
-
 
 @pytest.fixture
-def local_superlink(tmp_path):
+def superlink_env(tmp_path):
     """A simulation SuperLink we start (so we know its PID) and always stop, with FLWR_HOME in tmp_path."""
-    if _superlink_up():
-        pytest.fail(f"a SuperLink already listens on {ENV_PORT}; stop it before running this test")
-    env = {**os.environ, "FLWR_HOME": str(tmp_path / "flwr-home"),
-           "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "HF_HUB_OFFLINE": "1"}
-    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
-    log = open(tmp_path / "superlink.log", "w")
-    proc = subprocess.Popen(
-        [shutil.which("flower-superlink", path=env["PATH"]), "--insecure", "--simulation",
-         "--isolation", "subprocess", "--host", "127.0.0.1", "--port", "39091",
-         "--control-api-address", "127.0.0.1:39093", "--disable-runtime-dependency-installation"],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.time() + 60
-        while not _superlink_up():
-            if proc.poll() is not None or time.time() > deadline:
-                raise RuntimeError(f"SuperLink did not start: {(tmp_path / 'superlink.log').read_text()[-2000:]}")
-            time.sleep(0.5)
+    with local_superlink(tmp_path / "flwr-home") as env:
         yield env
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)  # the SuperLink and every process it started
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log.close()
 
 
 OVERRIDES = ("model=tiny-llama num_rounds=2 dataset.num_train=200 dataset.num_test=60 train.batch_size=16 "
              "train.local_epochs=1")
 
 
-def test_flwr_run_simulation_end_to_end(local_superlink, tmp_path):
+def test_flwr_run_simulation_end_to_end(superlink_env, tmp_path):
     out = tmp_path / "run"
     start = time.time()
-    proc = subprocess.run(
-        ["flwr", "run", ".", "--stream", "--run-config", f"overrides='{OVERRIDES}' output-dir='{out}'",
-         "--federation-config", "num-supernodes=2"],
-        cwd=ROOT, env=local_superlink, capture_output=True, text=True, timeout=600)
-    logs = proc.stdout + proc.stderr
-    assert (out / "metrics.json").is_file(), f"no metrics.json; flwr run said:\n{logs[-4000:]}"
+    lines = []
+    metrics = flwr_run(OVERRIDES, out, num_supernodes=2, env=superlink_env, on_line=lines.append, timeout=600)
+    logs = "\n".join(lines)
     assert time.time() - start < 300
-
-    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics == json.loads((out / "metrics.json").read_text())
     cfg = config.compose(OVERRIDES)
     assert metrics["config"] == config.to_dict(cfg)
     assert [r["round"] for r in metrics["rounds"]] == [1, 2]

@@ -1,0 +1,107 @@
+"""Run the app as users do, `flwr run .` on a local simulation SuperLink, from Python (sweeps and tests).
+
+`local_superlink()` starts a SuperLink whose PID we know and always stops it (with everything it started);
+`flwr_run()` runs one simulation, streams its per-round summary lines, and judges the run by its
+metrics.json, because `flwr run --stream` exits 0 even when the run failed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+HTTP_ADDRESS = "127.0.0.1:39091"  # where `flwr run` looks for a local SuperLink
+CONTROL_ADDRESS = "127.0.0.1:39093"
+
+
+class SimulationError(RuntimeError):
+    """A simulation did not finish every round; the message says why (the tail of its log)."""
+
+
+def superlink_up() -> bool:
+    try:
+        with urllib.request.urlopen(f"http://{HTTP_ADDRESS}/health", timeout=1) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def run_env(flwr_home: Path) -> dict[str, str]:
+    """Environment for the SuperLink and `flwr`: this Python's tools first, no per-run dependency install."""
+    env = {**os.environ, "FLWR_HOME": str(flwr_home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+           "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+    return env
+
+
+@contextlib.contextmanager
+def local_superlink(flwr_home: Path) -> Iterator[dict[str, str]]:
+    """Start a simulation SuperLink on 127.0.0.1 and yield the environment to `flwr run` against it."""
+    if superlink_up():
+        raise SimulationError(f"a SuperLink already listens on {HTTP_ADDRESS}; stop it first "
+                              "(e.g. pkill -f flower-superlink)")
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    env = run_env(flwr_home)
+    log_path = flwr_home / "superlink.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            [shutil.which("flower-superlink", path=env["PATH"]), "--insecure", "--simulation",
+             "--isolation", "subprocess", "--host", HTTP_ADDRESS.split(":")[0], "--port", HTTP_ADDRESS.split(":")[1],
+             "--control-api-address", CONTROL_ADDRESS, "--disable-runtime-dependency-installation"],
+            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 60
+        while not superlink_up():
+            if proc.poll() is not None or time.time() > deadline:
+                raise SimulationError(f"SuperLink did not start: {log_path.read_text()[-2000:]}")
+            time.sleep(0.5)
+        yield env
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)  # the SuperLink and every process it started
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def flwr_run(overrides: str, output_dir: Path, num_supernodes: int, env: dict[str, str],
+             on_line: Callable[[str], None] = lambda line: None, timeout: float = 24 * 3600) -> dict:
+    """`flwr run .` one simulation; return its metrics.json, or raise SimulationError if a round is missing."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    metrics_path = output_dir / "metrics.json"
+    metrics_path.unlink(missing_ok=True)
+    if "'" in overrides:
+        raise SimulationError(f"overrides may not contain single quotes: {overrides!r}")
+    command = ["flwr", "run", ".", "--stream", "--run-config", f"overrides='{overrides}' output-dir='{output_dir}'",
+               "--federation-config", f"num-supernodes={num_supernodes}"]
+    log_path = output_dir / "flwr.log"
+    deadline = time.time() + timeout
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True)
+        for line in proc.stdout:
+            log.write(line)
+            on_line(line.rstrip("\n"))
+            if time.time() > deadline:
+                proc.kill()
+                break
+        proc.wait()
+    tail = log_path.read_text()[-3000:]
+    if not metrics_path.is_file():
+        raise SimulationError(f"no metrics.json in {output_dir}; the run's log ends with:\n{tail}")
+    metrics = json.loads(metrics_path.read_text())
+    if len(metrics["rounds"]) != metrics["config"]["num_rounds"]:
+        raise SimulationError(f"only {len(metrics['rounds'])} of {metrics['config']['num_rounds']} rounds "
+                              f"finished in {output_dir}; the run's log ends with:\n{tail}")
+    return metrics

@@ -1,0 +1,76 @@
+"""Hydra multirun over full Flower simulations: one `flwr run` per job, results in the job's directory.
+
+    python scripts/sweep.py -m dataset=fpb,pubmedqa dataset.path=... privacy.target_epsilon=1,4,8,null seed=0,1,2
+
+Every job composes conf/ with its overrides (as the apps do), runs `flwr run .` with
+`sweep.num_supernodes` simulated owners on a SuperLink this script starts and stops, and leaves metrics.json,
+adapter/, checkpoint/ and flwr.log in its Hydra job directory (multirun/<date>/<time>/<job>/). Per-round
+summary lines are printed as they come. A failed job is reported, the sweep goes on, and the script exits 1
+at the end naming every failed job. Then: python scripts/report.py multirun/<date>/<time> --out DIR
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from dplora import config  # noqa: E402  (registers the ${package_model:} resolver before Hydra composes)
+from dplora.simulation import SimulationError, flwr_run, local_superlink  # noqa: E402
+
+FAILED: list[str] = []
+ENV: dict[str, str] = {}
+
+
+@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+def job(cfg: DictConfig) -> float | None:
+    hc = HydraConfig.get()
+    overrides = " ".join(shlex.quote(o) if " " in o else o for o in hc.overrides.task)
+    name = f"job {hc.job.num} ({overrides or 'defaults'})"
+    out = Path(hc.runtime.output_dir)
+    print(f"[sweep] {name}: starting, results in {out}", flush=True)
+    start = time.time()
+
+    def progress(line: str) -> None:  # the ServerApp's one-line round summaries
+        if summary := re.search(r"INFO \S*:\s+(round \d+/\d+: .*)", line):
+            print(f"[sweep] {name}: {summary.group(1)}", flush=True)
+
+    try:
+        config.validate(cfg)
+        metrics = flwr_run(overrides, out, cfg.sweep.num_supernodes, ENV, on_line=progress)
+    except (config.ConfigError, SimulationError) as err:
+        FAILED.append(f"{name} in {out}: {str(err).splitlines()[0]}")
+        (out / "FAILED").write_text(str(err))
+        print(f"[sweep] {name}: FAILED: {err}", flush=True)
+        return None
+    final = metrics["rounds"][-1]
+    print(f"[sweep] {name}: done in {time.time() - start:.0f}s, accuracy {final['accuracy']:.4f}, "
+          f"epsilon {final['epsilon']}", flush=True)
+    return final["accuracy"]
+
+
+def main() -> int:
+    with tempfile.TemporaryDirectory(prefix="dplora-sweep-") as home, local_superlink(Path(home)) as env:
+        ENV.update(env)
+        try:
+            job()
+        except SystemExit as exit_:  # Hydra exits on bad command lines; keep the SuperLink cleanup
+            if exit_.code not in (0, None):
+                return int(exit_.code) if isinstance(exit_.code, int) else 1
+    if FAILED:
+        print(f"[sweep] {len(FAILED)} job(s) failed:", *FAILED, sep="\n  ", file=sys.stderr)
+        return 1
+    print("[sweep] all jobs finished")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

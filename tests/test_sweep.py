@@ -1,0 +1,39 @@
+"""Hydra multirun sweep of full Flower simulations, and the report built from it."""
+
+import csv
+import json
+import subprocess
+import sys
+
+from .conftest import ROOT
+
+JOB = ("model=tiny-llama num_rounds=2 dataset.num_train=160 dataset.num_test=40 train.batch_size=16 "
+       "train.local_epochs=1 sweep.num_supernodes=2").split()
+
+
+def test_sweep_runs_each_job_reports_failures_and_feeds_the_report(tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    proc = subprocess.run([sys.executable, "scripts/sweep.py", "-m", *JOB, "privacy.target_epsilon=4,null,-1",
+                           f"hydra.sweep.dir={sweep_dir}"], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    out = proc.stdout + proc.stderr
+    # the third job has an invalid epsilon: reported by name, the others still ran, and the exit code says so
+    assert proc.returncode == 1, out[-3000:]
+    assert "1 job(s) failed" in proc.stderr and "privacy.target_epsilon=-1" in proc.stderr
+    assert "privacy.target_epsilon must be > 0" in (sweep_dir / "2" / "FAILED").read_text()
+    assert "round 2/2: accuracy" in proc.stdout  # progress while it runs
+    for job, target in (("0", 4.0), ("1", None)):
+        metrics = json.loads((sweep_dir / job / "metrics.json").read_text())
+        assert metrics["config"]["privacy"]["target_epsilon"] == target and len(metrics["rounds"]) == 2
+        assert (sweep_dir / job / "adapter" / "adapter_model.safetensors").is_file()
+
+    report = tmp_path / "report"
+    done = subprocess.run([sys.executable, "scripts/report.py", str(sweep_dir), "--out", str(report)],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    rows = list(csv.DictReader((report / "results.csv").open()))
+    assert [(r["dataset"], r["target_epsilon"], r["seeds"]) for r in rows] == \
+        [("synthetic", "4", "1"), ("synthetic", "non-private", "1")]
+    assert 0 <= float(rows[0]["accuracy_mean"]) <= 1 and float(rows[0]["epsilon_spent_max"]) <= 4
+    markdown = (report / "results.md").read_text()
+    assert "| synthetic | iid | 4 | 1 |" in markdown and "Failed or unfinished jobs (1)" in markdown
+    assert (report / "privacy_utility.png").read_bytes()[:4] == b"\x89PNG"
