@@ -126,7 +126,7 @@ def encode(dataset: datasets.Dataset, tokenizer, cfg: DictConfig, *, answer: int
     if cfg.model.task == "classification":
         texts = [list(dataset[f]) for f in fields[:2]]
         if len(fields) > 2:  # join the remaining fields onto the second one
-            texts[1] = [" ".join(parts) for parts in zip(*(dataset[f] for f in fields[1:]))]
+            texts[1] = [" ".join(parts) for parts in zip(*(dataset[f] for f in fields[1:]), strict=True)]
         enc = tokenizer(*texts, truncation=True, max_length=max_length, padding="max_length",
                         return_tensors="pt")
         labels = torch.tensor(list(dataset["label"]) if answer is None else [answer] * len(dataset))
@@ -210,7 +210,7 @@ def label_mix(dataset: datasets.Dataset, label_names: list[str]) -> str:
     counts = [0] * len(label_names)
     for label in dataset["label"]:
         counts[label] += 1
-    return f"{len(dataset)} examples: " + ", ".join(f"{n} {c}" for n, c in zip(label_names, counts))
+    return f"{len(dataset)} examples: " + ", ".join(f"{n} {c}" for n, c in zip(label_names, counts, strict=True))
 
 
 def test_sets(cfg: DictConfig, tokenizer) -> tuple[list[TensorDataset], torch.Tensor]:

@@ -72,7 +72,7 @@ def train_round(model: torch.nn.Module, train_set: TensorDataset, cfg: DictConfi
     module.train()
     start, steps_before, steps = time.perf_counter(), account.steps, 0
     try:
-        for epoch in range(cfg.train.local_epochs):
+        for _ in range(cfg.train.local_epochs):
             for batch in loader:
                 optimizer.zero_grad(set_to_none=True)
                 if batch[0].shape[0] == 0:  # an empty Poisson batch still counts as a DP step

@@ -18,8 +18,8 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-FIELDS = ["dataset", "partitioner", "target_epsilon", "seeds", "accuracy_mean", "accuracy_std", "macro_f1_mean",
-          "macro_f1_std", "epsilon_spent_max", "seconds_mean"]
+FIELDS = ["dataset", "partitioner", "target_epsilon", "seeds", "accuracy_mean", "accuracy_std",
+          "macro_f1_mean", "macro_f1_std", "epsilon_spent_max", "seconds_mean"]
 
 
 def collect(sweep_dir: Path) -> tuple[list[dict], list[str]]:
@@ -36,7 +36,8 @@ def collect(sweep_dir: Path) -> tuple[list[dict], list[str]]:
                      "target_epsilon": cfg["privacy"]["target_epsilon"], "seed": cfg["seed"],
                      "accuracy": final["accuracy"], "macro_f1": final["macro_f1"], "epsilon": final["epsilon"],
                      "seconds": final["seconds"]})
-    failed += [str(p.parent) for p in sorted(sweep_dir.rglob("FAILED")) if not (p.parent / "metrics.json").exists()]
+    failed += [str(p.parent) for p in sorted(sweep_dir.rglob("FAILED"))
+               if not (p.parent / "metrics.json").exists()]
     return jobs, failed
 
 
@@ -54,11 +55,15 @@ def summarize(jobs: list[dict]) -> list[dict]:
         acc, f1 = [r["accuracy"] for r in runs], [r["macro_f1"] for r in runs]
         spent = [r["epsilon"] for r in runs if r["epsilon"] is not None]
         rows.append({"dataset": key[0], "partitioner": key[1], "target_epsilon": key[2], "seeds": len(runs),
-                     "accuracy_mean": statistics.mean(acc), "accuracy_std": statistics.stdev(acc) if len(acc) > 1 else 0.0,
-                     "macro_f1_mean": statistics.mean(f1), "macro_f1_std": statistics.stdev(f1) if len(f1) > 1 else 0.0,
+                     "accuracy_mean": statistics.mean(acc), "accuracy_std": _std(acc),
+                     "macro_f1_mean": statistics.mean(f1), "macro_f1_std": _std(f1),
                      "epsilon_spent_max": max(spent) if spent else None,
                      "seconds_mean": statistics.mean(r["seconds"] for r in runs)})
     return rows
+
+
+def _std(values: list[float]) -> float:
+    return statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
@@ -66,11 +71,13 @@ def write_csv(rows: list[dict], path: Path) -> None:
         writer = csv.DictWriter(f, fieldnames=FIELDS)
         writer.writeheader()
         for row in rows:
-            writer.writerow({k: ("non-private" if k == "target_epsilon" and row[k] is None else row[k]) for k in FIELDS})
+            eps = row["target_epsilon"]
+            writer.writerow({**row, "target_epsilon": "non-private" if eps is None else eps})
 
 
 def write_markdown(rows: list[dict], failed: list[str], path: Path) -> None:
-    lines = ["| dataset | partitioner | target epsilon | seeds | accuracy | macro-F1 | epsilon spent (max) | seconds per job (rounds) |",
+    lines = ["| dataset | partitioner | target epsilon | seeds | accuracy | macro-F1 | epsilon spent (max) "
+             "| seconds per job (rounds) |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         eps = "non-private" if r["target_epsilon"] is None else f"{r['target_epsilon']:g}"
@@ -118,7 +125,8 @@ def plot(rows: list[dict], path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("sweep_dir", type=Path, help="a sweep's folder (multirun/<date>/<time>)")
-    parser.add_argument("--out", type=Path, required=True, help="folder for results.csv, results.md, privacy_utility.png")
+    parser.add_argument("--out", type=Path, required=True,
+                        help="folder for results.csv, results.md and privacy_utility.png")
     args = parser.parse_args(argv)
     if not args.sweep_dir.is_dir():
         parser.error(f"{args.sweep_dir} is not a folder")
