@@ -27,17 +27,14 @@ class DataError(ValueError):
 
 # ----------------------------------------------------------------------------------------------- loading
 
-FORMATS = {"jsonl": "jsonl", "csv": "csv", "parquet": "parquet"}  # dataset.format -> file extension
-
-
 def load_split(dataset_cfg: DictConfig, split: str) -> datasets.Dataset:
     """The `split` ("train" or "test") of the configured dataset."""
     if dataset_cfg.source == "synthetic":
         train, test = synthetic_reviews(dataset_cfg.num_train, dataset_cfg.num_test)
         rows = train if split == "train" else test
     else:
-        fmt = dataset_cfg.get("format", "jsonl")
-        rows = read_rows(Path(dataset_cfg.path) / f"{split}.{FORMATS[fmt]}", dataset_cfg, fmt)
+        fmt = dataset_cfg.get("format", "jsonl")  # also the file extension
+        rows = read_rows(Path(dataset_cfg.path) / f"{split}.{fmt}", dataset_cfg, fmt)
     return datasets.Dataset.from_list(rows)
 
 
