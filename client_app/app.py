@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from dplora import client, config
-
 
 app = ClientApp()
 
@@ -15,12 +13,9 @@ app = ClientApp()
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     cfg = config.compose(context.run_config["overrides"])
-    if not {"partition-id", "num-partitions"} <= set(context.node_config):
-        raise ValueError("this SuperNode's node config needs partition-id and num-partitions "
-                         f"(got {dict(context.node_config)}); e.g. --node-config 'partition-id=0 num-partitions=2'")
-    content = client.train(
-        cfg, msg.content["arrays"], context.state,
-        partition_id=int(context.node_config["partition-id"]),
-        num_partitions=int(context.node_config["num-partitions"]),
-        server_round=int(msg.content["config"]["server-round"]))
+    train_config = msg.content["config"]
+    node_config = client.node_settings(dict(context.node_config), str(context.run_config["output-dir"]))
+    content = client.train(cfg, msg.content["arrays"], context.state, node_config=node_config,
+                           server_round=int(train_config["server-round"]),
+                           run_key=str(train_config.get("run-key", "")))
     return Message(content=content, reply_to=msg)

@@ -16,6 +16,9 @@ from hydra import initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf
 
+from .data import FORMATS
+from .privacy import GRAD_SAMPLE_MODES
+
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 TASKS = ("classification", "causal_lm")
@@ -105,6 +108,9 @@ def _strings(cfg: DictConfig, key: str) -> list[str]:
 def validate(cfg: DictConfig) -> None:
     """Check every value the code relies on; raise ConfigError naming the first bad key."""
     _number(cfg, "num_rounds", kind=int, low=1)
+    resume = OmegaConf.select(cfg, "resume")
+    if not (isinstance(resume, bool) or (isinstance(resume, str) and resume)):
+        raise ConfigError(f"resume must be true, false or a checkpoint folder (got {resume!r})")
     _number(cfg, "seed", kind=int, low=0)
     _number(cfg, "train.local_epochs", kind=int, low=1)
     _number(cfg, "train.batch_size", kind=int, low=1)
@@ -123,6 +129,7 @@ def validate(cfg: DictConfig) -> None:
     _number(cfg, "privacy.delta", low=0, high=1, low_open=True, high_open=True)
     _number(cfg, "privacy.max_grad_norm", low=0, low_open=True)
     _choice(cfg, "privacy.accountant", ACCOUNTANTS)
+    _choice(cfg, "privacy.grad_sample_mode", GRAD_SAMPLE_MODES)
 
     if _choice(cfg, "model.task", TASKS) == "classification":
         _choice(cfg, "model.pooling", ("mean", "cls"))
@@ -144,7 +151,7 @@ def validate(cfg: DictConfig) -> None:
         if not OmegaConf.select(cfg, "dataset.path", throw_on_missing=False):
             raise ConfigError(f"dataset.path is required for dataset={cfg.dataset.name} "
                               f"(a folder with train.<format> and test.<format>)")
-        _choice(cfg, "dataset.format", ("jsonl", "csv", "parquet"))
+        _choice(cfg, "dataset.format", FORMATS)
     if source == "synthetic":
         _number(cfg, "dataset.num_train", kind=int, low=1)
         _number(cfg, "dataset.num_test", kind=int, low=1)

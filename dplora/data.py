@@ -18,6 +18,7 @@ from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
 from omegaconf import DictConfig
 from torch.utils.data import TensorDataset
 
+FORMATS = ("jsonl", "csv", "parquet")  # local files; the format is also the file extension
 IGNORE_INDEX = -100  # label value for tokens that carry no loss (prompt and padding) in causal-LM tuning
 
 
@@ -35,6 +36,10 @@ def load_split(dataset_cfg: DictConfig, split: str) -> datasets.Dataset:
     else:
         fmt = dataset_cfg.get("format", "jsonl")  # also the file extension
         rows = read_rows(Path(dataset_cfg.path) / f"{split}.{fmt}", dataset_cfg, fmt)
+    return from_rows(rows)
+
+
+def from_rows(rows: list[dict]) -> datasets.Dataset:
     return datasets.Dataset.from_list(rows)
 
 
@@ -44,7 +49,7 @@ def _records(path: Path, fmt: str):
         import pyarrow.parquet as pq
         try:
             table = pq.read_table(path)
-        except Exception as err:  # noqa: BLE001 - pyarrow raises several types for a bad file
+        except Exception as err:
             raise DataError(f"{path}: not a readable Parquet file ({err})") from err
         yield from enumerate(table.to_pylist(), start=1)
         return

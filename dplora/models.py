@@ -11,10 +11,22 @@ import os
 import torch
 from flwr.app import ArrayRecord
 from omegaconf import DictConfig, OmegaConf
-from peft import LoraConfig, PeftModel, TaskType, get_peft_model, get_peft_model_state_dict
-from peft import set_peft_model_state_dict
-from transformers import (AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
-                          LlamaConfig, LlamaForCausalLM)
+from peft import (
+    LoraConfig,
+    PeftModel,
+    TaskType,
+    get_peft_model,
+    get_peft_model_state_dict,
+    set_peft_model_state_dict,
+)
+from transformers import (
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
 from transformers.modeling_outputs import SequenceClassifierOutput
 from transformers.utils import logging as hf_logging
 

@@ -26,6 +26,30 @@ from torch.utils.data import DataLoader
 
 STATE_KEY = "privacy"  # key of the account's ConfigRecord in context.state
 
+# How Opacus computes per-example gradient norms. `auto` picks by task, from scripts/bench.py's measurements
+# on a 2-core CPU (docs/PERFORMANCE.md): LoRA's per-example gradients are r x d per layer, so materializing
+# them (hooks) costs less than ghost clipping's second backward pass through the whole frozen model.
+GRAD_SAMPLE_MODES = ("auto", "hooks", "ghost", "functorch")
+AUTO_MODE = {"classification": "hooks", "causal_lm": "hooks"}
+AUTO_REASON = ("per-example LoRA gradients are small (r x d per layer): materializing them costs less than "
+               "ghost clipping's second backward pass (docs/PERFORMANCE.md)")
+
+
+def grad_sample_mode(configured: str, task: str) -> tuple[str, str]:
+    """(the Opacus grad_sample_mode to use, why)."""
+    if configured != "auto":
+        return configured, "set by privacy.grad_sample_mode"
+    return AUTO_MODE[task], AUTO_REASON
+
+
+class PerSequenceLoss(torch.nn.Module):
+    """The criterion Opacus' ghost clipping wraps: its input is already the per-sequence loss vector."""
+
+    reduction = "mean"
+
+    def forward(self, losses: torch.Tensor) -> torch.Tensor:
+        return losses if self.reduction == "none" else losses.mean()
+
 
 class BudgetExhausted(RuntimeError):
     """Training one more round would take this data owner past its privacy budget."""
@@ -105,10 +129,13 @@ class PrivacyAccount:
 
     # -- the Opacus engine, with this account's accountant restored --------------------------------------
 
-    def make_private(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader):
+    def make_private(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader,
+                     mode: str = "hooks"):
         """Wrap model, optimizer and loader for DP-SGD (Poisson sampling, per-example clipping, Gaussian noise).
 
-        Returns (model, optimizer, loader, engine). The engine's accountant starts from this account's history.
+        `mode` is Opacus' grad_sample_mode (hooks | ghost | functorch). Returns (model, optimizer, loader,
+        engine, backward) where `backward(per_sequence_losses)` back-propagates a batch's loss the way the mode
+        needs (ghost clipping: two passes). The engine's accountant starts from this account's history.
         Sampling and noise draw from generators seeded by the OS's entropy, never from the run's seed: anyone
         who knows the config (the server does) must not be able to replay the noise and subtract it.
         """
@@ -118,12 +145,21 @@ class PrivacyAccount:
         if self.steps:
             engine.accountant.history = [(self.noise_multiplier, self.sample_rate, self.steps)]
         loader = DataLoader(loader.dataset, batch_size=loader.batch_size, generator=_secret_generator())
-        model, optimizer, loader = engine.make_private(
+        wrapped = engine.make_private(
             module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=self.noise_multiplier,
-            max_grad_norm=self.max_grad_norm, poisson_sampling=True, noise_generator=_secret_generator())
+            max_grad_norm=self.max_grad_norm, poisson_sampling=True, noise_generator=_secret_generator(),
+            grad_sample_mode=mode, criterion=PerSequenceLoss())
+        if mode == "ghost":
+            model, optimizer, criterion, loader = wrapped
+
+            def backward(losses: torch.Tensor) -> None:  # ghost clipping: two backward passes
+                criterion(losses).backward()
+        else:
+            model, optimizer, loader = wrapped
+            backward = mean_backward
         if not math.isclose(loader.sample_rate, self.sample_rate):
             raise RuntimeError(f"Opacus samples at {loader.sample_rate}, the account at {self.sample_rate}")
-        return model, optimizer, loader, engine
+        return model, optimizer, loader, engine, backward
 
     def record_steps(self, engine: PrivacyEngine) -> None:
         """Take the step count from the engine's accountant (the single source of truth)."""
@@ -150,6 +186,10 @@ class PrivacyAccount:
         eps = self.epsilon()
         return {"epsilon": math.inf if eps is None else eps, "noise_multiplier": self.noise_multiplier,
                 "sample_rate": self.sample_rate, "steps": self.steps, "delta": self.delta}
+
+
+def mean_backward(losses: torch.Tensor) -> None:
+    losses.mean().backward()
 
 
 def _secret_generator() -> torch.Generator:

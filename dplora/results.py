@@ -6,7 +6,8 @@ metrics.json:
                "clients": [{"node_id", "epsilon", "noise_multiplier", "sample_rate", "steps", "delta",
                             "num_examples"}],
                "refused": [{"node_id", "reason", ...privacy record}], "failed": [{"node_id", "reason"}],
-               "seconds"}]}
+               "aggregated" (false: fewer than min_clients trained, the adapter stayed), "seconds"}],
+   "run_key", "resumed_at": [rounds after which a killed run was resumed]}
 """
 
 from __future__ import annotations
@@ -16,7 +17,11 @@ import logging
 import math
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
 
 log = logging.getLogger(f"flwr.{__name__}")  # under Flower's logger: shown by `flwr run --stream`
 
@@ -37,24 +42,31 @@ def client_record(node_id: int, metrics: dict) -> dict:
 class RunRecorder:
     """Collects each round's client records and evaluation, and writes metrics.json after every round."""
 
-    def __init__(self, out_dir: str | Path, config: dict, num_rounds: int):
+    def __init__(self, out_dir: str | Path, config: dict, num_rounds: int, run_key: str,
+                 previous: dict | None = None):
+        """`previous`: a resumed run's metrics.json, cut to its checkpoint's round; the record goes on from it."""
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.num_rounds = num_rounds
-        self.data = {"config": config, "initial": None, "rounds": []}
+        self.data = previous or {"config": config, "initial": None, "rounds": [], "run_key": run_key,
+                                 "resumed_at": []}
         self.epsilons: dict[int, float | None] = {}  # node_id -> latest epsilon
+        for entry in self.data["rounds"]:
+            for record in entry["clients"] + entry["refused"]:
+                self.epsilons[record["node_id"]] = record["epsilon"]
         self.pending: dict = {}
-        self.start = time.time()
+        self.start = time.time() - (self.data["rounds"][-1]["seconds"] if self.data["rounds"] else 0)
 
     @property
     def path(self) -> Path:
         return self.out_dir / "metrics.json"
 
-    def record_clients(self, clients: list[dict], refused: list[dict], failed: list[dict]) -> None:
+    def record_clients(self, clients: list[dict], refused: list[dict], failed: list[dict],
+                       aggregated: bool = True) -> None:
         """Called by the strategy after a round's replies arrive."""
         for record in clients + refused:
             self.epsilons[record["node_id"]] = record["epsilon"]
-        self.pending = {"clients": clients, "refused": refused, "failed": failed}
+        self.pending = {"clients": clients, "refused": refused, "failed": failed, "aggregated": aggregated}
 
     def epsilon(self) -> float | None:
         """The largest epsilon any data owner has spent so far (None if no owner trains with DP)."""
@@ -67,7 +79,7 @@ class RunRecorder:
             self.data["initial"] = evaluation
         else:
             entry = {"round": server_round, **evaluation, "epsilon": self.epsilon(),
-                     **({"clients": [], "refused": [], "failed": []} | self.pending),
+                     **({"clients": [], "refused": [], "failed": [], "aggregated": False} | self.pending),
                      "seconds": round(time.time() - self.start, 2)}
             self.data["rounds"].append(entry)
             self.pending = {}
@@ -77,6 +89,46 @@ class RunRecorder:
                      entry["loss"], entry["macro_f1"], "n/a (no DP)" if eps is None else f"{eps:.3f}",
                      len(entry["clients"]), len(entry["refused"]), len(entry["failed"]))
         write_json(self.path, self.data)
+
+
+class ResumeError(RuntimeError):
+    """There is no usable checkpoint to resume from; the message says what is missing or differs."""
+
+
+@dataclass
+class Checkpoint:
+    round: int
+    run_key: str
+    adapter: dict[str, torch.Tensor]
+    metrics: dict  # metrics.json up to and including `round`
+
+
+def load_checkpoint(resume: bool | str, out_dir: Path, config: dict) -> Checkpoint:
+    """The checkpoint to resume from: `<out_dir>/checkpoint` (resume=true) or the folder `resume` names.
+
+    The run's config must equal the checkpointed run's (but for `resume`): a resumed run continues the same
+    experiment, with the same owners' accounts, and writes the same metrics.json.
+    """
+    folder = out_dir / "checkpoint" if resume is True else Path(str(resume)).expanduser().resolve()
+    info_path, weights = folder / "round.json", folder / "adapter_model.safetensors"
+    metrics_path = out_dir / "metrics.json"
+    for path in (info_path, weights, metrics_path):
+        if not path.is_file():
+            raise ResumeError(f"cannot resume: {path} not found (a run writes its checkpoint after its first "
+                              "round; without one, start afresh with resume=false)")
+    info, metrics = json.loads(info_path.read_text()), json.loads(metrics_path.read_text())
+    done = int(info["round"])
+    if len(metrics["rounds"]) < done or "run_key" not in info:
+        raise ResumeError(f"cannot resume: {metrics_path} has {len(metrics['rounds'])} rounds but the checkpoint "
+                          f"{folder} is at round {done}")
+    old = {k: v for k, v in metrics["config"].items() if k != "resume"}
+    new = {k: v for k, v in config.items() if k != "resume"}
+    if old != new:
+        differ = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+        raise ResumeError(f"cannot resume: the config differs from the checkpointed run's in {differ}")
+    metrics["rounds"] = metrics["rounds"][:done]  # a round after the checkpoint is redone
+    metrics["resumed_at"] = [*metrics.get("resumed_at", []), done]
+    return Checkpoint(round=done, run_key=info["run_key"], adapter=load_file(weights), metrics=metrics)
 
 
 def write_json(path: Path, obj) -> None:

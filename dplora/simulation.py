@@ -46,7 +46,9 @@ def run_env(flwr_home: Path) -> dict[str, str]:
 
 @contextlib.contextmanager
 def local_superlink(flwr_home: Path) -> Iterator[dict[str, str]]:
-    """Start a simulation SuperLink on 127.0.0.1 and yield the environment to `flwr run` against it."""
+    """Start a simulation SuperLink on 127.0.0.1 and yield the environment to `flwr run` against it.
+
+    The environment names the SuperLink's PID in DPLORA_SUPERLINK_PID."""
     if superlink_up():
         raise SimulationError(f"a SuperLink already listens on {HTTP_ADDRESS}; stop it first "
                               "(e.g. pkill -f flower-superlink)")
@@ -65,7 +67,7 @@ def local_superlink(flwr_home: Path) -> Iterator[dict[str, str]]:
             if proc.poll() is not None or time.time() > deadline:
                 raise SimulationError(f"SuperLink did not start: {log_path.read_text()[-2000:]}")
             time.sleep(0.5)
-        yield env
+        yield {**env, "DPLORA_SUPERLINK_PID": str(proc.pid)}
     finally:
         os.killpg(proc.pid, signal.SIGTERM)  # the SuperLink and every process it started
         try:
@@ -80,7 +82,7 @@ def flwr_run(overrides: str, output_dir: Path, num_supernodes: int, env: dict[st
     """`flwr run .` one simulation; return its metrics.json, or raise SimulationError if a round is missing."""
     output_dir.mkdir(parents=True, exist_ok=True)
     metrics_path = output_dir / "metrics.json"
-    metrics_path.unlink(missing_ok=True)
+    started = time.time()
     if "'" in overrides:
         raise SimulationError(f"overrides may not contain single quotes: {overrides!r}")
     command = ["flwr", "run", ".", "--stream", "--run-config", f"overrides='{overrides}' output-dir='{output_dir}'",
@@ -98,8 +100,8 @@ def flwr_run(overrides: str, output_dir: Path, num_supernodes: int, env: dict[st
                 break
         proc.wait()
     tail = log_path.read_text()[-3000:]
-    if not metrics_path.is_file():
-        raise SimulationError(f"no metrics.json in {output_dir}; the run's log ends with:\n{tail}")
+    if not metrics_path.is_file() or metrics_path.stat().st_mtime < started:  # (a resumed run's file is older)
+        raise SimulationError(f"this run wrote no metrics.json in {output_dir}; its log ends with:\n{tail}")
     metrics = json.loads(metrics_path.read_text())
     if len(metrics["rounds"]) != metrics["config"]["num_rounds"]:
         raise SimulationError(f"only {len(metrics['rounds'])} of {metrics['config']['num_rounds']} rounds "

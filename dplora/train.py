@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader, TensorDataset
 
 from .data import IGNORE_INDEX
-from .privacy import PrivacyAccount, empty_batch_step
+from .privacy import PrivacyAccount, empty_batch_step, grad_sample_mode, mean_backward
 
 # Opacus' hooks fire on frozen inputs (the base model is frozen): expected, and harmless.
 warnings.filterwarnings("ignore", message="Full backward hook is firing")
@@ -66,9 +66,10 @@ def train_round(model: torch.nn.Module, train_set: TensorDataset, cfg: DictConfi
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, cfg.train)
     loader = DataLoader(train_set, batch_size=cfg.train.batch_size, shuffle=True, generator=generator)
-    engine, module = None, model
+    engine, module, backward = None, model, mean_backward
     if account.private:
-        module, optimizer, loader, engine = account.make_private(model, optimizer, loader)
+        mode, _ = grad_sample_mode(cfg.privacy.grad_sample_mode, cfg.model.task)
+        module, optimizer, loader, engine, backward = account.make_private(model, optimizer, loader, mode)
     module.train()
     start, steps_before, steps = time.perf_counter(), account.steps, 0
     try:
@@ -78,7 +79,7 @@ def train_round(model: torch.nn.Module, train_set: TensorDataset, cfg: DictConfi
                 if batch[0].shape[0] == 0:  # an empty Poisson batch still counts as a DP step
                     empty_batch_step(optimizer)
                 else:
-                    sequence_losses(module, _trim(batch, dev), cfg.model.task).mean().backward()
+                    backward(sequence_losses(module, _trim(batch, dev), cfg.model.task))
                     optimizer.step()
                 steps += 1
     finally:

@@ -23,8 +23,8 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from dplora import config  # noqa: E402  (registers the ${package_model:} resolver before Hydra composes)
-from dplora.simulation import SimulationError, flwr_run, local_superlink  # noqa: E402
+from dplora import config
+from dplora.simulation import SimulationError, flwr_run, local_superlink
 
 FAILED: list[str] = []
 ENV: dict[str, str] = {}

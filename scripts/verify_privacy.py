@@ -15,12 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from functools import lru_cache
+from functools import cache
 
 import dp_accounting
 
 
-@lru_cache(maxsize=None)
+@cache
 def pld_epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: float) -> float:
     event = dp_accounting.SelfComposedDpEvent(
         dp_accounting.PoissonSampledDpEvent(sample_rate, dp_accounting.GaussianDpEvent(noise_multiplier)), steps)

@@ -1,15 +1,16 @@
-"""ServerApp: compose the config, build the initial adapter, run AdapterFedAvg, write results."""
+"""ServerApp: compose the config, build (or resume) the adapter, run AdapterFedAvg, write results."""
 
 from __future__ import annotations
 
 import logging
+import secrets
 from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from dplora import config, data, models
-from dplora.results import RunRecorder, write_json
+from dplora.results import RunRecorder, load_checkpoint, write_json
 from dplora.train import device, evaluate
 from server_app.strategy import AdapterFedAvg
 
@@ -29,25 +30,36 @@ def main(grid: Grid, context: Context) -> None:
     trainable, total = models.num_parameters(model)
     log.info("model %s: %d of %d parameters train (%.3f%%); test split: %d examples", cfg.model.name,
              trainable, total, 100 * trainable / total, len(test_labels))
-    recorder = RunRecorder(out_dir, config.to_dict(cfg), cfg.num_rounds)
+    # A run key names this experiment in every owner's privacy ledger; a resumed run keeps it, so each
+    # owner continues its account instead of starting a new one.
+    run_key, done, previous = secrets.token_hex(8), 0, None
+    if cfg.resume:
+        checkpoint = load_checkpoint(cfg.resume, out_dir, config.to_dict(cfg))
+        models.load_adapter_state(model, checkpoint.adapter)
+        run_key, done, previous = checkpoint.run_key, checkpoint.round, checkpoint.metrics
+        log.info("resuming run %s after round %d of %d", run_key, done, cfg.num_rounds)
+    recorder = RunRecorder(out_dir, config.to_dict(cfg), cfg.num_rounds, run_key, previous)
+    latest = {"arrays": models.to_arrays(model)}
 
     def evaluate_global(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        server_round += done
+        latest["arrays"] = arrays
         models.from_arrays(model, arrays)
         metrics = evaluate(model, test_sets, test_labels, cfg)
-        recorder.record_round(server_round, metrics)
-        if server_round > 0:  # the latest round's adapter, so that a crash loses at most one round
-            save_adapter(model, out_dir / "checkpoint", {"round": server_round})
+        if server_round > done or done == 0:  # a resumed run's starting point is already recorded
+            recorder.record_round(server_round, metrics)
+        if server_round > done:  # the latest round's adapter, so that a crash loses at most one round
+            save_adapter(model, out_dir / "checkpoint", {"round": server_round, "run_key": run_key})
         return MetricRecord(metrics)
 
-    initial_arrays = models.to_arrays(model)
-    strategy = AdapterFedAvg(recorder, initial_arrays, fraction_train=cfg.strategy.fraction_train,
-                             min_train_nodes=cfg.strategy.min_clients,
-                             min_available_nodes=cfg.strategy.min_clients)
-    result = strategy.start(grid=grid, initial_arrays=initial_arrays, num_rounds=cfg.num_rounds,
-                            timeout=cfg.strategy.round_timeout, train_config=ConfigRecord(),
-                            evaluate_fn=evaluate_global)
-    models.from_arrays(model, result.arrays)
-    save_adapter(model, out_dir / "adapter", {"round": cfg.num_rounds})
+    strategy = AdapterFedAvg(recorder, latest["arrays"], min_clients=cfg.strategy.min_clients, round_offset=done,
+                             timeout=cfg.strategy.round_timeout, fraction_train=cfg.strategy.fraction_train)
+    if done < cfg.num_rounds:
+        strategy.start(grid=grid, initial_arrays=latest["arrays"], num_rounds=cfg.num_rounds - done,
+                       timeout=cfg.strategy.round_timeout, train_config=ConfigRecord({"run-key": run_key}),
+                       evaluate_fn=evaluate_global)
+    models.from_arrays(model, latest["arrays"])
+    save_adapter(model, out_dir / "adapter", {"round": cfg.num_rounds, "run_key": run_key})
     log.info("done: metrics in %s, final adapter in %s", recorder.path, out_dir / "adapter")
 
 

@@ -26,20 +26,37 @@ def privacy_summary(records: list[RecordDict], weighted_by_key: str) -> MetricRe
 class AdapterFedAvg(FedAvg):
     """Message-API FedAvg that averages the adapter tensors weighted by `num-examples`.
 
-    Before averaging it sets aside replies that carry an error (the ClientApp raised or timed out) and
-    replies that refuse to train (privacy budget spent); both are logged and recorded, and the round goes on
-    with the rest. Server-side evaluation replaces federated evaluation (`fraction_evaluate=0`), so clients
+    Before averaging it sets aside replies that carry an error (the ClientApp raised), invalid replies,
+    replies that refuse to train (privacy budget spent) and nodes that did not reply within the round's
+    timeout; all are logged with the node id and recorded in metrics.json, and the round goes on with the
+    rest if at least `min_clients` trained (else the global adapter stays as it was). Server-side evaluation replaces federated evaluation (`fraction_evaluate=0`), so clients
     never report metrics computed on their private data.
     """
 
-    def __init__(self, recorder: RunRecorder, reference: ArrayRecord, **kwargs):
-        super().__init__(fraction_evaluate=0.0, train_metrics_aggr_fn=privacy_summary, **kwargs)
+    def __init__(self, recorder: RunRecorder, reference: ArrayRecord, *, min_clients: int, round_offset: int = 0,
+                 timeout: float = 3600, **kwargs):
+        super().__init__(fraction_evaluate=0.0, train_metrics_aggr_fn=privacy_summary,
+                         min_train_nodes=min_clients, min_available_nodes=min_clients, **kwargs)
         self.recorder = recorder
         self.reference = reference.to_torch_state_dict()  # the adapter's keys, shapes and dtypes
+        self.min_clients = min_clients  # fewer good replies than this: the round keeps the old adapter
+        self.round_offset = round_offset  # a resumed run's rounds continue the numbering of the first
+        self.timeout = timeout
+        self.sent: set[int] = set()
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config, grid) -> Iterable[Message]:
+        messages = list(super().configure_train(server_round + self.round_offset, arrays, config, grid))
+        self.sent = {msg.metadata.dst_node_id for msg in messages}
+        return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        server_round += self.round_offset
+        replies = list(replies)
         trained, clients, refused, failed = [], [], [], []
+        for node in sorted(self.sent - {msg.metadata.src_node_id for msg in replies}):
+            log.warning("round %d: node %d sent no reply within %ss", server_round, node, self.timeout)
+            failed.append({"node_id": node, "reason": f"no reply within the round timeout ({self.timeout}s)"})
         for msg in replies:
             node = msg.metadata.src_node_id
             if msg.has_error():
@@ -55,9 +72,11 @@ class AdapterFedAvg(FedAvg):
             else:
                 trained.append(msg)
                 clients.append(client_record(node, msg.content[METRICS]))
-        self.recorder.record_clients(clients, refused, failed)
-        if not trained:
-            log.warning("round %d: no client trained; the global adapter is unchanged", server_round)
+        aggregate = len(trained) >= self.min_clients
+        self.recorder.record_clients(clients, refused, failed, aggregated=aggregate)
+        if not aggregate:
+            log.warning("round %d: %d client(s) trained, fewer than min_clients=%d; the global adapter is "
+                        "unchanged", server_round, len(trained), self.min_clients)
             return None, None
         return super().aggregate_train(server_round, trained)
 

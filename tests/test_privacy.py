@@ -50,7 +50,7 @@ def test_per_example_clipping_bound_holds(tiny_cfg):
     account = _account(cfg, len(train_set), batch_size=4, noise_multiplier=0.0, max_grad_norm=clip)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     loader = torch.utils.data.DataLoader(train_set, batch_size=4)
-    module, optimizer, _, _ = account.make_private(model, optimizer, loader)
+    module, optimizer, _, _, _ = account.make_private(model, optimizer, loader)
     for i in range(len(train_set)):
         example = [t[i:i + 1] for t in train_set.tensors]
         optimizer.zero_grad()
@@ -72,7 +72,7 @@ def test_noise_scales_as_configured(tiny_cfg, sigma):
     account = _account(cfg, len(train_set), noise_multiplier=sigma, max_grad_norm=0.5)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
     loader = torch.utils.data.DataLoader(train_set, batch_size=cfg.train.batch_size)
-    module, optimizer, loader, _ = account.make_private(model, optimizer, loader)
+    module, optimizer, loader, _, _ = account.make_private(model, optimizer, loader)
     batch = [t[:16] for t in train_set.tensors]
     optimizer.zero_grad()
     (0.0 * sequence_losses(module, batch, cfg.model.task)).mean().backward()
@@ -107,7 +107,7 @@ def test_empty_poisson_batch_still_steps_the_accountant(tiny_cfg):
     account = _account(cfg, len(train_set))
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
     loader = torch.utils.data.DataLoader(train_set, batch_size=cfg.train.batch_size)
-    module, optimizer, loader, engine = account.make_private(model, optimizer, loader)
+    module, optimizer, loader, engine, _ = account.make_private(model, optimizer, loader)
     before = models.adapter_state(model)
     optimizer.zero_grad()
     privacy.empty_batch_step(optimizer)
@@ -124,7 +124,7 @@ def test_epsilon_across_rounds_is_one_accountant_not_a_sum(tiny_cfg):
     arrays, state = models.to_arrays(model), RecordDict()
     eps, steps = [], []
     for server_round in (1, 2):
-        reply = client.train(cfg, arrays, state, partition_id=0, num_partitions=2, server_round=server_round)
+        reply = client.train(cfg, arrays, state, node_config={"partition-id": 0, "num-partitions": 2}, server_round=server_round)
         metrics = reply[client.METRICS]
         eps.append(metrics["epsilon"])
         steps.append(metrics["steps"])
@@ -143,9 +143,9 @@ def test_client_refuses_once_the_budget_is_spent(tiny_cfg):
     model, _ = models.build_model(cfg)
     arrays, state = models.to_arrays(model), RecordDict()
     for server_round in (1, 2):  # the planned run spends the whole budget
-        client.train(cfg, arrays, state, partition_id=1, num_partitions=2, server_round=server_round)
+        client.train(cfg, arrays, state, node_config={"partition-id": 1, "num-partitions": 2}, server_round=server_round)
     spent = PrivacyAccount.from_record(state.config_records[privacy.STATE_KEY])
-    reply = client.train(cfg, arrays, state, partition_id=1, num_partitions=2, server_round=3)
+    reply = client.train(cfg, arrays, state, node_config={"partition-id": 1, "num-partitions": 2}, server_round=3)
     assert client.ARRAYS not in reply.array_records
     assert "refusing to train" in reply[client.STATUS]["refused"]
     assert reply[client.METRICS]["num-examples"] == 0
@@ -157,7 +157,7 @@ def test_non_private_training_uses_the_same_path(tiny_cfg):
     cfg = OmegaConf.merge(tiny_cfg, {"privacy": {"target_epsilon": None}})
     model, _ = models.build_model(cfg)
     state = RecordDict()
-    reply = client.train(cfg, models.to_arrays(model), state, partition_id=0, num_partitions=2, server_round=1)
+    reply = client.train(cfg, models.to_arrays(model), state, node_config={"partition-id": 0, "num-partitions": 2}, server_round=1)
     metrics = reply[client.METRICS]
     assert math.isinf(metrics["epsilon"]) and metrics["noise_multiplier"] == 0.0 and metrics["steps"] > 0
     assert isinstance(state.config_records[privacy.STATE_KEY], ConfigRecord)

@@ -1,6 +1,8 @@
 """End to end, as a user runs it: `flwr run .` on a local simulation SuperLink, then the results on disk."""
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -10,7 +12,7 @@ import torch
 from peft import PeftModel
 
 from dplora import config, data, models
-from dplora.simulation import flwr_run, local_superlink
+from dplora.simulation import SimulationError, flwr_run, local_superlink
 from dplora.train import evaluate
 
 from .conftest import ROOT
@@ -68,6 +70,51 @@ def test_flwr_run_simulation_end_to_end(superlink_env, tmp_path):
     final = evaluate(model, sets, labels, cfg)
     assert final["accuracy"] == pytest.approx(metrics["rounds"][-1]["accuracy"], abs=1e-6)
     assert final["loss"] == pytest.approx(metrics["rounds"][-1]["loss"], rel=1e-4)
-    assert json.loads((out / "checkpoint" / "round.json").read_text()) == {"round": 2}
+    assert json.loads((out / "checkpoint" / "round.json").read_text()) == {"round": 2, "run_key": metrics["run_key"]}
     checkpoint = PeftModel.from_pretrained(models.build_base_model(cfg, tokenizer), out / "checkpoint")
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), checkpoint.parameters()))
+
+
+def _descendants(root: int, name: str) -> list[int]:
+    """PIDs of the processes under `root` whose command line contains `name`."""
+    children: dict[int, list[tuple[int, str]]] = {}
+    for row in subprocess.run(["ps", "-eo", "pid,ppid,args"], capture_output=True, text=True).stdout.splitlines()[1:]:
+        pid, ppid, args = row.split(None, 2)
+        children.setdefault(int(ppid), []).append((int(pid), args))
+    found, stack = [], [root]
+    while stack:
+        for pid, args in children.get(stack.pop(), []):
+            stack.append(pid)
+            found += [pid] if name in args else []
+    return found
+
+
+def test_server_killed_after_round_1_resumes_without_losing_a_round_or_a_budget(superlink_env, tmp_path):
+    overrides = OVERRIDES.replace("num_rounds=2", "num_rounds=3")
+    out, killed = tmp_path / "run", []
+
+    def kill_after_round_1(line: str) -> None:
+        if "round 1/3: accuracy" in line and not killed:  # the simulation process holds the ServerApp
+            killed.extend(_descendants(int(superlink_env["DPLORA_SUPERLINK_PID"]), "flwr-simulation"))
+            for pid in killed:
+                os.kill(pid, signal.SIGKILL)
+
+    with pytest.raises(SimulationError, match="only 1 of 3 rounds"):
+        flwr_run(overrides, out, num_supernodes=2, env=superlink_env, on_line=kill_after_round_1, timeout=600)
+    assert killed
+    first = json.loads((out / "metrics.json").read_text())
+    assert [r["round"] for r in first["rounds"]] == [1]
+    assert json.loads((out / "checkpoint" / "round.json").read_text())["round"] == 1
+
+    with pytest.raises(SimulationError, match="config differs"):  # a resume must continue the same experiment
+        flwr_run(overrides + " seed=5 resume=true", out, 2, superlink_env, timeout=600)
+    metrics = flwr_run(overrides + " resume=true", out, num_supernodes=2, env=superlink_env, timeout=600)
+    assert [r["round"] for r in metrics["rounds"]] == [1, 2, 3] and metrics["resumed_at"] == [1]
+    assert metrics["run_key"] == first["run_key"] and metrics["rounds"][0] == first["rounds"][0]
+    epsilons = [r["epsilon"] for r in metrics["rounds"]]
+    assert epsilons == sorted(epsilons) and epsilons[-1] <= 8.0  # accountants continued, never reset
+    ledgers = [json.loads(p.read_text())["runs"][metrics["run_key"]] for p in (out / "ledgers").glob("*.json")]
+    assert len(ledgers) == 2
+    for entry in ledgers:  # no owner spent more than the run planned, and both went on after the restart
+        assert entry["round"] >= 2 and 0 < entry["steps"] <= entry["planned_steps"]
+    assert json.loads((out / "adapter" / "round.json").read_text())["round"] == 3

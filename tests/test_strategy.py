@@ -39,8 +39,8 @@ def _trained(node_id, value, n, eps):
 
 
 def test_aggregates_trained_replies_and_records_refusals_and_failures(tmp_path):
-    recorder = RunRecorder(tmp_path, {"privacy": {"target_epsilon": 8}}, num_rounds=1)
-    strategy = AdapterFedAvg(recorder, REFERENCE)
+    recorder = RunRecorder(tmp_path, {"privacy": {"target_epsilon": 8}}, num_rounds=1, run_key="k")
+    strategy = AdapterFedAvg(recorder, REFERENCE, min_clients=1)
     replies = [
         _trained(1, 1.0, 100, 3.0),
         _trained(2, 4.0, 300, 2.5),
@@ -61,14 +61,14 @@ def test_aggregates_trained_replies_and_records_refusals_and_failures(tmp_path):
 
 
 def test_round_with_no_trained_client_keeps_the_adapter(tmp_path):
-    recorder = RunRecorder(tmp_path, {}, num_rounds=1)
-    arrays, metrics = AdapterFedAvg(recorder, REFERENCE).aggregate_train(1, [_reply(4, Error(code=0, reason="timeout"))])
+    recorder = RunRecorder(tmp_path, {}, num_rounds=1, run_key="k")
+    arrays, metrics = AdapterFedAvg(recorder, REFERENCE, min_clients=1).aggregate_train(1, [_reply(4, Error(code=0, reason="timeout"))])
     assert arrays is None and metrics is None
 
 
 def test_non_private_clients_record_null_epsilon(tmp_path):
-    recorder = RunRecorder(tmp_path, {}, num_rounds=1)
-    AdapterFedAvg(recorder, REFERENCE).aggregate_train(1, [_trained(1, 1.0, 10, math.inf), _trained(2, 2.0, 10, math.inf)])
+    recorder = RunRecorder(tmp_path, {}, num_rounds=1, run_key="k")
+    AdapterFedAvg(recorder, REFERENCE, min_clients=1).aggregate_train(1, [_trained(1, 1.0, 10, math.inf), _trained(2, 2.0, 10, math.inf)])
     recorder.record_round(1, {"accuracy": 0.5, "loss": 1.0, "macro_f1": 0.4})
     entry = json.loads(recorder.path.read_text())["rounds"][0]
     assert entry["epsilon"] is None and all(c["epsilon"] is None for c in entry["clients"])
@@ -92,10 +92,33 @@ def _with(arrays=None, metrics=None, extra=None):
     (_with(extra={"smuggled": ConfigRecord({"loss": "0.1"})}), "records"),
 ])
 def test_invalid_replies_are_excluded_and_never_poison_the_average(tmp_path, content, reason):
-    recorder = RunRecorder(tmp_path, {}, num_rounds=1)
-    arrays, _ = AdapterFedAvg(recorder, REFERENCE).aggregate_train(1, [_trained(1, 2.0, 10, 1.0), _reply(9, content)])
+    recorder = RunRecorder(tmp_path, {}, num_rounds=1, run_key="k")
+    arrays, _ = AdapterFedAvg(recorder, REFERENCE, min_clients=1).aggregate_train(1, [_trained(1, 2.0, 10, 1.0), _reply(9, content)])
     np.testing.assert_array_equal(arrays["w"].numpy(), np.full((2, 2), 2.0))  # only the good reply counts
     recorder.record_round(1, {"accuracy": 0.5, "loss": 1.0, "macro_f1": 0.4})
     failed = json.loads(recorder.path.read_text())["rounds"][0]["failed"]
     assert failed[0]["node_id"] == 9 and failed[0]["reason"].startswith("invalid reply")
     assert re.search(reason, failed[0]["reason"]), failed[0]["reason"]
+
+
+def test_fewer_trained_clients_than_min_clients_keep_the_adapter(tmp_path):
+    recorder = RunRecorder(tmp_path, {}, num_rounds=1, run_key="k")
+    strategy = AdapterFedAvg(recorder, REFERENCE, min_clients=2)
+    arrays, _ = strategy.aggregate_train(1, [_trained(1, 2.0, 10, 1.0), _reply(2, Error(code=0, reason="crash"))])
+    assert arrays is None  # one good reply is not enough
+    recorder.record_round(1, {"accuracy": 0.5, "loss": 1.0, "macro_f1": 0.4})
+    entry = json.loads(recorder.path.read_text())["rounds"][0]
+    assert entry["aggregated"] is False and [c["node_id"] for c in entry["clients"]] == [1]
+    assert entry["failed"] == [{"node_id": 2, "reason": "crash"}]
+
+
+def test_nodes_that_never_reply_are_recorded_as_failed(tmp_path):
+    recorder = RunRecorder(tmp_path, {}, num_rounds=1, run_key="k")
+    strategy = AdapterFedAvg(recorder, REFERENCE, min_clients=1, timeout=30)
+    strategy.sent = {1, 7}  # the round's messages went to nodes 1 and 7; only 1 answered in time
+    arrays, _ = strategy.aggregate_train(1, [_trained(1, 2.0, 10, 1.0)])
+    np.testing.assert_array_equal(arrays["w"].numpy(), np.full((2, 2), 2.0))
+    recorder.record_round(1, {"accuracy": 0.5, "loss": 1.0, "macro_f1": 0.4})
+    entry = json.loads(recorder.path.read_text())["rounds"][0]
+    assert entry["aggregated"] is True
+    assert entry["failed"] == [{"node_id": 7, "reason": "no reply within the round timeout (30s)"}]

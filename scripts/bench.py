@@ -1,0 +1,343 @@
+"""What privacy costs in time, memory and bandwidth, and what Flower costs: every figure a ratio measured
+side by side in this one run (docs/PERFORMANCE.md).
+
+    python scripts/bench.py --out bench.json            # the full suite (~25 min on a 2-core CPU)
+    python scripts/bench.py --out bench.json --quick    # a reduced version (~1-2 min)
+
+1. step time: one DP-SGD step / the same step without DP (same model, batch, sequence length, data), for
+   MiniLM classification and tiny-llama causal LM, per Opacus grad_sample_mode; interleaved repeats, medians.
+2. memory: peak resident memory of a client's training with DP / without (each in a fresh process).
+3. upload: bytes of the adapter a client sends per round / bytes of the full model's weights.
+4. Flower overhead: wall time of `flwr run` (a local simulation) / the same training, aggregation and
+   evaluation in a plain Python loop (a separate process, calling the same dplora functions).
+5. round time vs number of sampled clients (fixed data per client), with a least-squares line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import torch
+from flwr.app import RecordDict
+
+from dplora import client, config, data, models, simulation
+from dplora.privacy import (
+    GRAD_SAMPLE_MODES,
+    PrivacyAccount,
+    grad_sample_mode,
+    mean_backward,
+)
+from dplora.train import device, evaluate, make_optimizer, sequence_losses
+
+SHARED_DATA = Path(os.environ.get("DPLORA_SHARED_DATA", ROOT.parent / "shared" / "data"))
+MODES = [m for m in GRAD_SAMPLE_MODES if m != "auto"]
+MODELS = ("minilm", "tiny-llama")
+
+
+def log(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def fpb_overrides() -> str:
+    """FPB from ../shared/data when it is there, else the built-in synthetic set (said in the output)."""
+    if (SHARED_DATA / "fpb" / "train.jsonl").is_file():
+        return f"dataset=fpb dataset.path={SHARED_DATA / 'fpb'}"
+    log(f"FPB not found under {SHARED_DATA}: using the synthetic dataset")
+    return "dataset=synthetic"
+
+
+# ------------------------------------------------------------------------------------ 1. step time
+
+def fixed_batch(cfg, tokenizer, size: int) -> list[torch.Tensor]:
+    """The first `size` training examples, tokenized, padding columns no example uses cut off."""
+    train_split = data.load_split(cfg.dataset, "train").select(range(size))
+    ids, mask, labels = data.encode(train_split, tokenizer, cfg).tensors
+    width = int(mask.sum(dim=1).max())
+    return [t.to(device()) for t in (ids[:, :width], mask[:, :width], labels[:, :width] if labels.dim() == 2
+                                     else labels)]
+
+
+class Stepper:
+    """One training step of one variant: `None` = no DP, else an Opacus grad_sample_mode."""
+
+    def __init__(self, model, cfg, batch, mode: str | None):
+        self.cfg, self.batch, self.mode = cfg, batch, mode
+        self.model = copy.deepcopy(model)
+        optimizer = make_optimizer([p for p in self.model.parameters() if p.requires_grad], cfg.train)
+        self.backward = mean_backward
+        self.module, self.optimizer = self.model, optimizer
+        if mode is not None:  # the product's path: PrivacyAccount.make_private, at sigma=1 and q=1/16
+            account = PrivacyAccount(target_epsilon=8.0, delta=1e-5, max_grad_norm=1.0, accountant="prv",
+                                     noise_multiplier=1.0, sample_rate=1 / 16, planned_steps=10**6)
+            loader = torch.utils.data.DataLoader(
+                torch.utils.data.TensorDataset(torch.zeros(16 * len(batch[0]))), batch_size=len(batch[0]))
+            self.module, self.optimizer, _, self.engine, self.backward = account.make_private(
+                self.model, optimizer, loader, mode)
+        self.module.train()
+
+    def step(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        self.backward(sequence_losses(self.module, self.batch, self.cfg.model.task))
+        self.optimizer.step()
+
+
+def step_times(model_name: str, overrides: str, batch_size: int, repeats: int, steps: int) -> dict:
+    cfg = config.compose(f"model={model_name} {overrides} train.batch_size={batch_size}")
+    model, tokenizer = models.build_model(cfg, device())
+    batch = fixed_batch(cfg, tokenizer, batch_size)
+    variants: dict[str, Stepper | str] = {"non_private": Stepper(model, cfg, batch, None)}
+    for mode in MODES:
+        try:
+            variants[mode] = Stepper(model, cfg, batch, mode)
+            variants[mode].step()  # fails here if the mode cannot handle this model
+        except Exception as err:  # noqa: BLE001 - a mode that does not work here is reported, not fatal
+            variants[mode] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+    runnable = {k: v for k, v in variants.items() if isinstance(v, Stepper)}
+    for stepper in runnable.values():  # warm-up
+        stepper.step()
+    seconds: dict[str, list[float]] = {k: [] for k in runnable}
+    for _ in range(repeats):  # interleaved, so that drift in the machine's speed hits every variant alike
+        for name, stepper in runnable.items():
+            start = time.perf_counter()
+            for _ in range(steps):
+                stepper.step()
+            seconds[name].append((time.perf_counter() - start) / steps)
+    median = {k: statistics.median(v) for k, v in seconds.items()}
+    result = {"batch_size": batch_size, "sequence_length": batch[0].shape[1], "repeats": repeats,
+              "steps_per_repeat": steps, "seconds_per_step": median,
+              "ratio": {m: median[m] / median["non_private"] for m in median if m != "non_private"},
+              "failed_modes": {k: v for k, v in variants.items() if isinstance(v, str)}}
+    result["best_mode"] = min(result["ratio"], key=result["ratio"].get)
+    result["auto_mode"] = grad_sample_mode("auto", cfg.model.task)[0]
+    return result
+
+
+# ---------------------------------------------------------------------------------------- 2. memory
+
+def _rss_mb(field: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def memory_child(model_name: str, overrides: str, batch_size: int, steps: int, mode: str) -> dict:
+    """In a fresh process: peak memory while training `steps` steps (mode 'none' = no DP)."""
+    cfg = config.compose(f"model={model_name} {overrides} train.batch_size={batch_size}")
+    model, tokenizer = models.build_model(cfg, device())
+    batch = fixed_batch(cfg, tokenizer, batch_size)
+    if device().type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated() / 2**20
+    else:
+        with open("/proc/self/clear_refs", "w") as f:  # reset the peak resident set (VmHWM) to now
+            f.write("5")
+        before = _rss_mb("VmRSS")
+    stepper = Stepper(model, cfg, batch, None if mode == "none" else mode)
+    for _ in range(steps):
+        stepper.step()
+    peak = torch.cuda.max_memory_allocated() / 2**20 if device().type == "cuda" else _rss_mb("VmHWM")
+    return {"peak_mb": peak, "before_training_mb": before}
+
+
+def memory(model_name: str, overrides: str, batch_size: int, steps: int, mode: str) -> dict:
+    def child(variant: str) -> dict:
+        out = subprocess.run([sys.executable, __file__, "_memory", model_name, overrides, str(batch_size),
+                              str(steps), variant], capture_output=True, text=True, check=False)
+        if out.returncode:
+            raise RuntimeError(f"memory measurement failed: {out.stderr[-2000:]}")
+        return json.loads(out.stdout.strip().splitlines()[-1])
+    plain, private = child("none"), child(mode)
+    return {"mode": mode, "non_private": plain, "private": private,
+            "ratio": private["peak_mb"] / plain["peak_mb"],
+            "training_ratio": ((private["peak_mb"] - private["before_training_mb"])
+                               / max(plain["peak_mb"] - plain["before_training_mb"], 1e-9))}
+
+
+# ---------------------------------------------------------------------------------------- 3. upload
+
+def upload(model_name: str, overrides: str) -> dict:
+    cfg = config.compose(f"model={model_name} {overrides}")
+    model, _ = models.build_model(cfg, "cpu")
+    sent = sum(len(array.data) for array in models.to_arrays(model).values())  # the reply's tensors
+    full = sum(p.numel() * p.element_size() for name, p in model.named_parameters()
+               if "lora_" not in name and "modules_to_save" not in name)  # the model without the adapter
+    return {"upload_bytes": sent, "model_bytes": full, "fraction": sent / full}
+
+
+# -------------------------------------------------------------------------- 4-5. Flower vs a plain loop
+
+def plain_loop_child(overrides: str, num_clients: int) -> dict:
+    """The same rounds as the simulation, without Flower: clients train in turn, average, evaluate."""
+    start = time.perf_counter()
+    cfg = config.compose(overrides)
+    model, tokenizer = models.build_model(cfg, device())
+    test_sets, test_labels = data.test_sets(cfg, tokenizer)
+    evaluate(model, test_sets, test_labels, cfg)
+    arrays, states, rounds = models.to_arrays(model), [RecordDict() for _ in range(num_clients)], []
+    for server_round in range(1, cfg.num_rounds + 1):
+        replies = [client.train(cfg, arrays, states[i], partition_id=i, num_partitions=num_clients,
+                                server_round=server_round) for i in range(num_clients)]
+        weights = [int(r["metrics"]["num-examples"]) for r in replies]
+        tensors = [r["arrays"].to_torch_state_dict() for r in replies]
+        average = {k: sum(w * t[k] for w, t in zip(weights, tensors, strict=True)) / sum(weights)
+                   for k in tensors[0]}
+        models.load_adapter_state(model, average)
+        arrays = models.to_arrays(model)
+        rounds.append(evaluate(model, test_sets, test_labels, cfg)["accuracy"])
+    return {"seconds": time.perf_counter() - start, "accuracy": rounds}
+
+
+def plain_loop(overrides: str, num_clients: int) -> dict:
+    out = subprocess.run([sys.executable, __file__, "_plain", overrides, str(num_clients)], capture_output=True,
+                         text=True, check=False, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    if out.returncode:
+        raise RuntimeError(f"plain loop failed: {out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def flower_run(overrides: str, num_clients: int, env: dict, work: Path, name: str) -> tuple[float, dict]:
+    start = time.perf_counter()
+    metrics = simulation.flwr_run(overrides, work / name, num_clients, env)
+    return time.perf_counter() - start, metrics
+
+
+def round_seconds(metrics: dict) -> float:
+    """The last round's wall time (metrics.json's `seconds` are cumulative from the ServerApp's start)."""
+    rounds = metrics["rounds"]
+    return rounds[-1]["seconds"] - rounds[-2]["seconds"]
+
+
+def linear_fit(xs: list[float], ys: list[float]) -> dict:
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    sxx = sum((x - mx) ** 2 for x in xs)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sxx
+    intercept = my - slope * mx
+    ss_res = sum((y - intercept - slope * x) ** 2 for x, y in zip(xs, ys, strict=True))
+    ss_tot = sum((y - my) ** 2 for y in ys)
+    return {"seconds_per_client": slope, "intercept_seconds": intercept,
+            "r_squared": 1 - ss_res / ss_tot if ss_tot else 1.0}
+
+
+# ------------------------------------------------------------------------------------------- the suite
+
+def run(quick: bool) -> dict:
+    fpb = fpb_overrides()
+    batch, repeats, steps = (16, 3, 1) if quick else (64, 7, 3)
+    result: dict = {"quick": quick, "device": str(device()), "torch_threads": torch.get_num_threads(),
+                    "step_time": {}, "memory": {}, "upload": {}}
+    for name in MODELS:
+        log(f"step time: {name}, batch {batch}, {repeats} interleaved repeats of {steps} step(s)")
+        result["step_time"][name] = step_times(name, fpb, batch, repeats, steps)
+        log(f"  ratios {fmt(result['step_time'][name]['ratio'])}; failed {result['step_time'][name]['failed_modes']}")
+    for name in MODELS:
+        mode = result["step_time"][name]["auto_mode"]
+        log(f"memory: {name}, mode {mode} vs no DP (fresh processes)")
+        result["memory"][name] = memory(name, fpb, batch, 2 if quick else 5, mode)
+        result["upload"][name] = upload(name, fpb)
+    with tempfile.TemporaryDirectory(prefix="dplora-bench-") as tmp:
+        work = Path(tmp)
+        with simulation.local_superlink(work / "flwr_home") as env:
+            if quick:  # tiny-llama on small synthetic data
+                base = "model=tiny-llama dataset.num_test=40 train.local_epochs=1 train.batch_size=16"
+                overhead_clients, overhead = 2, f"{base} dataset.num_train=64 num_rounds=2"
+                per_client, clients = 32, [1, 2]
+            else:  # MiniLM on FPB, as users run it
+                base = "dataset.num_test=200 train.local_epochs=1"
+                overhead_clients, overhead = 5, f"{fpb} num_rounds=2"
+                per_client, clients = 128, [2, 5, 10, 20]
+            log(f"Flower overhead: `flwr run` with {overhead_clients} clients vs a plain loop: {overhead}")
+            flwr_s, _ = flower_run(overhead, overhead_clients, env, work, "overhead")
+            plain = plain_loop(overhead, overhead_clients)
+            result["flower_overhead"] = {"overrides": overhead, "clients": overhead_clients,
+                                         "flower_seconds": flwr_s, "plain_seconds": plain["seconds"]}
+            log(f"  flwr run {flwr_s:.1f}s, plain loop {plain['seconds']:.1f}s")
+            by_clients = {}
+            for n in clients:
+                overrides = (f"{base} dataset.num_train={n * per_client} num_rounds=2 "
+                             f"strategy.min_clients={min(n, 2)}")
+                log(f"round time: {n} clients x {per_client} examples")
+                _, metrics = flower_run(overrides, n, env, work, f"clients-{n}")
+                by_clients[n] = round_seconds(metrics)
+                log(f"  {by_clients[n]:.1f}s per round")
+    result["round_time_by_clients"] = {str(n): s for n, s in by_clients.items()}
+    result["round_time_fit"] = linear_fit([float(n) for n in by_clients], list(by_clients.values()))
+    result["round_time_fit"]["examples_per_client"] = per_client
+    # The headline ratios (targets in docs/PERFORMANCE.md): the worst model's figure where there are two.
+    result["dp_step_ratio"] = max(r["ratio"][r["best_mode"]] for r in result["step_time"].values())
+    result["dp_memory_ratio"] = max(r["ratio"] for r in result["memory"].values())
+    result["upload_fraction"] = max(r["fraction"] for r in result["upload"].values())
+    result["flower_overhead_ratio"] = flwr_s / plain["seconds"]
+    return result
+
+
+def fmt(ratios: dict) -> str:
+    return ", ".join(f"{k} {v:.3f}x" for k, v in ratios.items())
+
+
+def table(result: dict) -> str:
+    lines = ["| figure | value |", "|---|---|"]
+    for name, r in result["step_time"].items():
+        lines.append(f"| DP step time / non-private, {name} (batch {r['batch_size']}, {r['sequence_length']} tokens) "
+                     f"| {fmt(r['ratio'])}; best: {r['best_mode']} |")
+    for name, r in result["memory"].items():
+        lines.append(f"| DP peak memory / non-private, {name} ({r['mode']}) | {r['ratio']:.3f}x "
+                     f"({r['private']['peak_mb']:.0f} vs {r['non_private']['peak_mb']:.0f} MB; "
+                     f"training's own: {r['training_ratio']:.2f}x) |")
+    for name, r in result["upload"].items():
+        lines.append(f"| upload / full model, {name} | {100 * r['fraction']:.3f}% "
+                     f"({r['upload_bytes'] / 1e6:.2f} of {r['model_bytes'] / 1e6:.1f} MB) |")
+    o = result["flower_overhead"]
+    lines.append(f"| `flwr run` / plain loop ({o['clients']} clients) | {result['flower_overhead_ratio']:.3f}x "
+                 f"({o['flower_seconds']:.1f} vs {o['plain_seconds']:.1f} s) |")
+    fit = result["round_time_fit"]
+    times = ", ".join(f"{n}: {s:.1f}s" for n, s in result["round_time_by_clients"].items())
+    lines.append(f"| round time by clients | {times}; {fit['seconds_per_client']:.2f} s/client + "
+                 f"{fit['intercept_seconds']:.1f} s, R^2 {fit['r_squared']:.3f} |")
+    lines.append(f"| headline | dp_step_ratio {result['dp_step_ratio']:.3f}, dp_memory_ratio "
+                 f"{result['dp_memory_ratio']:.3f}, upload_fraction {result['upload_fraction']:.5f}, "
+                 f"flower_overhead_ratio {result['flower_overhead_ratio']:.3f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "_memory":  # child processes
+        name, overrides, batch, steps, mode = sys.argv[2:]
+        print(json.dumps(memory_child(name, overrides, int(batch), int(steps), mode)))
+        return
+    if len(sys.argv) > 1 and sys.argv[1] == "_plain":
+        print(json.dumps(plain_loop_child(sys.argv[2], int(sys.argv[3]))))
+        return
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, type=Path, help="where to write the JSON results")
+    parser.add_argument("--quick", action="store_true", help="a reduced version (~1-2 min)")
+    args = parser.parse_args()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    result = run(args.quick)
+    result["seconds"] = time.perf_counter() - start
+    bad = [k for k in ("dp_step_ratio", "dp_memory_ratio", "upload_fraction", "flower_overhead_ratio")
+           if not (math.isfinite(result[k]) and result[k] > 0)]
+    args.out.write_text(json.dumps(result, indent=2))
+    print(table(result))
+    log(f"wrote {args.out} in {result['seconds']:.0f}s")
+    if bad:
+        sys.exit(f"non-finite or non-positive figures: {bad}")
+
+
+if __name__ == "__main__":
+    main()

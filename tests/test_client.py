@@ -1,0 +1,124 @@
+"""One data owner's round through dplora.client: its data source, its ledger, its per-process cache."""
+
+import json
+import math
+
+import pytest
+from flwr.app import RecordDict
+
+from dplora import client, config, data, models, privacy
+from dplora.ledger import LedgerError, PrivacyLedger
+from dplora.privacy import PrivacyAccount
+
+SIM = {"partition-id": 0, "num-partitions": 2}
+
+
+def _owner_file(path, n=30):
+    labels = ["negative", "neutral", "positive"]
+    path.write_text("".join(json.dumps({"text": f"review number {i} is fine", "label": labels[i % 3]}) + "\n"
+                            for i in range(n)))
+    return path
+
+
+def test_owner_trains_on_its_own_data_file(tiny_cfg, tmp_path):
+    model, _ = models.build_model(tiny_cfg)
+    owner = {"data-path": str(_owner_file(tmp_path / "owner_a.jsonl", n=30))}
+    reply = client.train(tiny_cfg, models.to_arrays(model), RecordDict(), node_config=owner, server_round=1)
+    assert reply[client.METRICS]["num-examples"] == 30  # the whole file, not a simulation partition
+    assert reply[client.METRICS]["sample_rate"] == pytest.approx(1 / math.ceil(30 / tiny_cfg.train.batch_size))
+
+
+@pytest.mark.parametrize("node_config, message", [
+    ({}, "needs data-path"),
+    ({"data-path": "/nonexistent/owner.jsonl"}, "file not found"),
+    ({"data-path": "/tmp/owner.txt"}, "unknown format 'txt'"),
+])
+def test_bad_node_config_fails_with_a_clear_message(tiny_cfg, node_config, message):
+    model, _ = models.build_model(tiny_cfg)
+    with pytest.raises((config.ConfigError, data.DataError), match=message):
+        client.train(tiny_cfg, models.to_arrays(model), RecordDict(), node_config=node_config, server_round=1)
+
+
+def test_kept_process_builds_the_model_once_and_loads_every_tensor_each_round(tiny_cfg):
+    first, _ = client.local_model(tiny_cfg)
+    again, _ = client.local_model(tiny_cfg)
+    assert first is again
+    fresh, _ = models.build_model(tiny_cfg)
+    # A round (or another simulated owner) changed every trainable tensor; the next round loads the global ones.
+    models.load_adapter_state(first, {k: v + 3.0 for k, v in models.adapter_state(first).items()})
+    models.from_arrays(first, models.to_arrays(fresh))
+    after, expected = models.adapter_state(first), models.adapter_state(fresh)
+    assert all(after[k].equal(expected[k]) for k in expected)  # nothing of an earlier round remains
+    other = config.compose("model=tiny-llama dataset.num_train=120 dataset.num_test=40 seed=1")
+    assert client.local_model(other)[0] is not first  # another config, another model
+
+
+def test_simulated_owners_keep_a_ledger_beside_the_results(tmp_path):
+    settings = client.node_settings(SIM, str(tmp_path))
+    assert settings["privacy-ledger"] == str(tmp_path / "ledgers" / "owner-0.json")
+    real = {"data-path": "/secure/a.jsonl", "partition-id": 0, "num-partitions": 2}
+    assert "privacy-ledger" not in client.node_settings(real, str(tmp_path))  # a real owner names its own
+
+
+# ------------------------------------------------------------------------------------------ the ledger
+
+def test_restart_continues_the_account_from_the_ledger(tiny_cfg, tmp_path):
+    model, _ = models.build_model(tiny_cfg)
+    node = {**SIM, "privacy-ledger": str(tmp_path / "ledger.json")}
+    arrays = models.to_arrays(model)
+    first = client.train(tiny_cfg, arrays, RecordDict(), node_config=node, server_round=1, run_key="run-a")
+    steps = first[client.METRICS]["steps"]
+    # The ClientApp restarts (a resumed run): empty context.state, same run key.
+    second = client.train(tiny_cfg, arrays, RecordDict(), node_config=node, server_round=2, run_key="run-a")
+    assert second[client.METRICS]["steps"] == 2 * steps
+    sigma, q = second[client.METRICS]["noise_multiplier"], second[client.METRICS]["sample_rate"]
+    assert second[client.METRICS]["epsilon"] == pytest.approx(privacy.epsilon(sigma, q, 2 * steps, 1e-5, "prv"))
+    # A restarted run that repeats a round this owner already trained is refused, not paid for twice.
+    again = client.train(tiny_cfg, arrays, RecordDict(), node_config=node, server_round=2, run_key="run-a")
+    assert "again" in again[client.STATUS]["refused"] and again[client.METRICS]["steps"] == 2 * steps
+    # The planned run is spent: a third round is refused even from a fresh process.
+    third = client.train(tiny_cfg, arrays, RecordDict(), node_config=node, server_round=3, run_key="run-a")
+    assert client.STATUS in third.config_records
+    assert json.loads((tmp_path / "ledger.json").read_text())["runs"]["run-a"]["steps"] == 2 * steps
+
+
+def test_exhausted_ledger_refuses_whatever_the_server_asks(tiny_cfg, tmp_path):
+    model, _ = models.build_model(tiny_cfg)
+    arrays, path = models.to_arrays(model), tmp_path / "ledger.json"
+    node = {**SIM, "privacy-ledger": str(path)}
+    client.train(tiny_cfg, arrays, RecordDict(), node_config=node, server_round=1, run_key="run-a")
+    spent = PrivacyLedger(path).epsilon()
+    assert spent > 0
+    # The owner's total budget leaves room for less than a second such run: a new run (new key) is refused.
+    node["privacy-budget"] = 1.1 * spent
+    second = client.train(tiny_cfg, arrays, RecordDict(), node_config=node, server_round=1, run_key="run-b")
+    assert "above the owner's budget" in second[client.STATUS]["refused"]
+    assert second[client.METRICS]["steps"] == 0 and client.ARRAYS not in second
+    assert set(json.loads(path.read_text())["runs"]) == {"run-a"}  # nothing was spent
+
+
+def test_ledger_composes_runs_with_one_accountant_not_a_sum(tmp_path):
+    ledger = PrivacyLedger(tmp_path / "ledger.json", budget=100)
+    account = PrivacyAccount(target_epsilon=8.0, delta=1e-5, max_grad_norm=1.0, accountant="prv",
+                             noise_multiplier=1.0, sample_rate=0.1, planned_steps=100, steps=50)
+    ledger.record("a", account, server_round=1)
+    one = ledger.epsilon()
+    ledger.record("b", account, server_round=1)
+    two = PrivacyLedger(tmp_path / "ledger.json", budget=100).epsilon()  # read back from disk
+    assert one == pytest.approx(account.epsilon(), rel=0.02)
+    assert one < two < 2 * one
+
+
+def test_ledger_refuses_non_private_training_and_rejects_bad_files(tiny_cfg, tmp_path):
+    cfg = config.compose("model=tiny-llama dataset.num_train=120 dataset.num_test=40 privacy=none")
+    model, _ = models.build_model(cfg)
+    node = {**SIM, "privacy-ledger": str(tmp_path / "ledger.json"), "privacy-budget": 10}
+    reply = client.train(cfg, models.to_arrays(model), RecordDict(), node_config=node, server_round=1)
+    assert "non-private" in reply[client.STATUS]["refused"]
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(LedgerError, match="bad.json"):
+        PrivacyLedger(tmp_path / "bad.json")
+    with pytest.raises(LedgerError, match="privacy-budget needs privacy-ledger"):
+        PrivacyLedger.from_node_config({"privacy-budget": 3})
+    with pytest.raises(LedgerError, match="positive"):
+        PrivacyLedger.from_node_config({"privacy-ledger": str(tmp_path / "l.json"), "privacy-budget": -1})
