@@ -55,8 +55,10 @@ def _cached(kind: str, key: str, build, keep: int = 1):
 
 def local_model(cfg: DictConfig):
     """(peft model, tokenizer) for this config, built once per process."""
-    key = json.dumps(config.to_dict(cfg), sort_keys=True)
-    return _cached("model", key, lambda: models.build_model(cfg, device()))
+    def build():
+        log.info("building %s (once per process and config)", cfg.model.name)
+        return models.build_model(cfg, device())
+    return _cached("model", json.dumps(config.to_dict(cfg), sort_keys=True), build)
 
 
 def local_data(cfg: DictConfig, node_config: dict, tokenizer):

@@ -20,7 +20,7 @@ HTTPS on ONE port; the old 9091/9092/9093 gRPC trio is gone):
 
 Node ``i`` (1-based) uses ``CERTS/node<i>`` as its private key, registers
 ``CERTS/node<i>.pub`` with ``flwr supernode register`` and gets the node config
-``data-path='FILE' partition-id=<i-1> num-partitions=<N>``.
+``data-path='FILE' privacy-ledger='WORKDIR/ledger-node<i>.json'`` [``privacy-budget=EPS``].
 
 Importable (``scripts/`` is not a package; load this file with importlib)::
 
@@ -282,8 +282,12 @@ def start_federation(
     superlink_port: int = SUPERLINK_PORT,
     supernode_base_port: int = SUPERNODE_BASE_PORT,
     timeout: float = 120.0,
+    privacy_budget: float | None = None,
 ) -> dict:
     """Start a SuperLink and one SuperNode per data file; return once all are online.
+
+    Node i's node config names its data file and its privacy ledger (``<workdir>/ledger-node<i>.json``,
+    kept across runs and restarts), plus ``privacy-budget`` if given: the owner's total epsilon.
 
     Returns a dict with: ``workdir``, ``flwr_home`` (set FLWR_HOME to it for ``flwr``),
     ``connection`` ("local-tls"), ``superlink_address``, ``pids`` ({name: pid},
@@ -362,9 +366,10 @@ def start_federation(
             node_ids.append(int(out["node-id"]))
 
         # 3. SuperNodes
-        n = len(data)
         for i, f in enumerate(data, start=1):
-            node_config = f"data-path='{f}' partition-id={i - 1} num-partitions={n}"
+            node_config = f"data-path='{f}' privacy-ledger='{workdir / f'ledger-node{i}.json'}'"
+            if privacy_budget is not None:
+                node_config += f" privacy-budget={float(privacy_budget)}"
             launch(f"supernode-{i}", supernode_command(
                 certs, certs / f"node{i}", supernode_base_port + i - 1, node_config, superlink_port,
             ))
@@ -442,6 +447,45 @@ def stop_federation(workdir: str | os.PathLike = DEFAULT_WORKDIR, timeout: float
     return sorted(signalled)
 
 
+def try_supernode(
+    certs: str | os.PathLike,
+    private_key: str | os.PathLike,
+    workdir: str | os.PathLike = DEFAULT_WORKDIR,
+    *,
+    name: str = "rogue-supernode",
+    port: int = 9099,
+    superlink_port: int = SUPERLINK_PORT,
+    timeout: float = 60.0,
+) -> tuple[int | None, str]:
+    """Start one more SuperNode with ``private_key`` and wait for it to exit.
+
+    For checking that a key that was never registered is refused: such a node
+    exits with status 1 within a few seconds and its log contains
+    UNREGISTERED_NODE_LOG_LINE. Returns (exit status, or None if it was still
+    running after ``timeout`` and got killed; the log text). Its process group
+    (it spawns a flower-superexec) is always killed afterwards.
+
+    (Output goes to ``<workdir>/<name>.log``, not to a pipe: with a pipe, the
+    SuperExec child keeps it open, and waits on the pipe hang until the exited
+    SuperNode is reaped.)
+    """
+    workdir = Path(workdir).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    cmd = supernode_command(certs, private_key, port, "partition-id=0 num-partitions=1",
+                            superlink_port)
+    proc = _spawn(name, cmd, workdir)
+    try:
+        status: int | None = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        status = None
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # its own session: the node and its SuperExec
+    except ProcessLookupError:
+        pass
+    proc.wait()
+    return status, (workdir / f"{name}.log").read_text(errors="replace")
+
+
 # ----------------------------------------------------------------------------- CLI
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -453,6 +497,8 @@ def main(argv: list[str] | None = None) -> int:
     p_start.add_argument("--superlink-port", type=int, default=SUPERLINK_PORT)
     p_start.add_argument("--supernode-base-port", type=int, default=SUPERNODE_BASE_PORT)
     p_start.add_argument("--timeout", type=float, default=120.0)
+    p_start.add_argument("--privacy-budget", type=float, default=None,
+                         help="each owner's total epsilon across runs, enforced by its ledger")
     p_stop = sub.add_parser("stop", help="stop the federation started in --workdir")
     p_stop.add_argument("--workdir", default=DEFAULT_WORKDIR)
     args = parser.parse_args(argv)
@@ -462,6 +508,7 @@ def main(argv: list[str] | None = None) -> int:
             info = start_federation(
                 args.certs, args.data, args.workdir, superlink_port=args.superlink_port,
                 supernode_base_port=args.supernode_base_port, timeout=args.timeout,
+                privacy_budget=args.privacy_budget,
             )
         except (RuntimeError, FileNotFoundError, ValueError) as err:
             print(f"error: {err}", file=sys.stderr)
