@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import zlib
 from pathlib import Path
 
@@ -40,10 +41,13 @@ ARRAYS, METRICS, STATUS = "arrays", "metrics", "status"
 # A kept ClientApp process (simulation workers, or any long-lived process) builds its base model and
 # tokenizes its data once per config, not every round. The model's adapter is overwritten from the global
 # arrays every round, so nothing of one round's (or one simulated owner's) training carries over.
+# DPLORA_CACHE=0 turns the cache off (scripts/bench.py measures what it saves).
 _cache: dict[str, object] = {}
 
 
 def _cached(kind: str, key: str, build, keep: int = 1):
+    if os.environ.get("DPLORA_CACHE", "1") == "0":
+        return build()
     full_key = f"{kind}:{key}"
     if full_key not in _cache:
         stale = [k for k in _cache if k.startswith(f"{kind}:")]
@@ -80,7 +84,10 @@ def local_data(cfg: DictConfig, node_config: dict, tokenizer):
             pid, n = int(node_config["partition-id"]), int(node_config["num-partitions"])
             local, where = data.client_partition(cfg, pid, n), f"partition {pid} of {n} ({cfg.partitioner.name})"
         return local, data.encode(local, tokenizer, cfg), where
-    key = json.dumps([config.to_dict(cfg), {k: str(v) for k, v in node_config.items()}], sort_keys=True)
+    version = ""  # an owner's file that changes is read again
+    if "data-path" in node_config and Path(str(node_config["data-path"])).expanduser().is_file():
+        version = Path(str(node_config["data-path"])).expanduser().stat().st_mtime_ns
+    key = json.dumps([config.to_dict(cfg), {k: str(v) for k, v in node_config.items()}, version], sort_keys=True)
     return _cached("data", key, build, keep=64)
 
 

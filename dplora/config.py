@@ -23,7 +23,7 @@ CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 TASKS = ("classification", "causal_lm")
 ACCOUNTANTS = ("prv", "rdp")
-SOURCES = ("synthetic", "local")
+SOURCES = ("synthetic", "local", "hub")
 
 
 class ConfigError(ValueError):
@@ -152,6 +152,18 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"dataset.path is required for dataset={cfg.dataset.name} "
                               f"(a folder with train.<format> and test.<format>)")
         _choice(cfg, "dataset.format", FORMATS)
+    if source == "hub":
+        if not isinstance(OmegaConf.select(cfg, "dataset.hub_id"), str):
+            raise ConfigError(f"dataset.hub_id is required for dataset={cfg.dataset.name} (a Hub dataset id)")
+        splits = OmegaConf.select(cfg, "dataset.hub_splits")
+        if not OmegaConf.is_dict(splits) or not {"train", "test"} <= set(splits):
+            raise ConfigError("dataset.hub_splits must map train and test to Hub split names "
+                              f"(got {splits!r})")
+    if OmegaConf.select(cfg, "dataset.max_train") is not None:
+        _number(cfg, "dataset.max_train", kind=int, low=1)
+    label_map = OmegaConf.select(cfg, "dataset.label_map")
+    if label_map is not None and not OmegaConf.is_dict(label_map):
+        raise ConfigError(f"dataset.label_map must map raw label values to label names (got {label_map!r})")
     if source == "synthetic":
         _number(cfg, "dataset.num_train", kind=int, low=1)
         _number(cfg, "dataset.num_test", kind=int, low=1)

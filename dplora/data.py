@@ -19,7 +19,8 @@ from omegaconf import DictConfig
 from torch.utils.data import TensorDataset
 
 FORMATS = ("jsonl", "csv", "parquet")  # local files; the format is also the file extension
-IGNORE_INDEX = -100  # label value for tokens that carry no loss (prompt and padding) in causal-LM tuning
+IGNORE_INDEX = -100
+SUBSAMPLE_SEED = 0  # dataset.max_train draws the same subsample whatever the run's seed  # label value for tokens that carry no loss (prompt and padding) in causal-LM tuning
 
 
 class DataError(ValueError):
@@ -29,14 +30,34 @@ class DataError(ValueError):
 # ----------------------------------------------------------------------------------------------- loading
 
 def load_split(dataset_cfg: DictConfig, split: str) -> datasets.Dataset:
-    """The `split` ("train" or "test") of the configured dataset."""
+    """The `split` ("train" or "test") of the configured dataset.
+
+    `dataset.max_train` keeps a fixed random subsample of the training split (the same for every run seed).
+    """
     if dataset_cfg.source == "synthetic":
         train, test = synthetic_reviews(dataset_cfg.num_train, dataset_cfg.num_test)
         rows = train if split == "train" else test
+    elif dataset_cfg.source == "hub":
+        rows = hub_rows(dataset_cfg, split)
     else:
         fmt = dataset_cfg.get("format", "jsonl")  # also the file extension
         rows = read_rows(Path(dataset_cfg.path) / f"{split}.{fmt}", dataset_cfg, fmt)
+    max_train = dataset_cfg.get("max_train")
+    if split == "train" and max_train is not None and len(rows) > max_train:
+        rows = random.Random(SUBSAMPLE_SEED).sample(rows, max_train)
     return from_rows(rows)
+
+
+def hub_rows(dataset_cfg: DictConfig, split: str) -> list[dict]:
+    """A split from the Hugging Face Hub (needs internet), checked like a local file."""
+    hub_split = dataset_cfg.hub_splits[split]
+    where = f"{dataset_cfg.hub_id} ({dataset_cfg.get('hub_config') or 'default'}, split {hub_split})"
+    try:
+        loaded = datasets.load_dataset(dataset_cfg.hub_id, dataset_cfg.get("hub_config"), split=hub_split)
+    except Exception as err:  # noqa: BLE001 - offline, unknown id, bad split: one clear message
+        raise DataError(f"{where}: cannot load from the Hugging Face Hub ({type(err).__name__}: {err}); "
+                        "without internet, download it once and use a local copy (dataset.source=local)") from err
+    return check_rows(enumerate(loaded, start=1), dataset_cfg, where)
 
 
 def from_rows(rows: list[dict]) -> datasets.Dataset:
@@ -69,13 +90,20 @@ def _records(path: Path, fmt: str):
 
 
 def read_rows(path: Path, dataset_cfg: DictConfig, fmt: str = "jsonl") -> list[dict]:
-    """Read and check a data file: every record has the text fields and a known label."""
+    """Read and check a data file: every record has the text fields and a known label (after
+    `dataset.label_map`, which renames raw label values, e.g. {true: "yes"} or {"mildly positive": positive})."""
     if not path.is_file():
         raise DataError(f"{path}: file not found (check dataset.path and dataset.format)")
+    return check_rows(_records(path, fmt), dataset_cfg, str(path))
+
+
+def check_rows(records, dataset_cfg: DictConfig, path: str) -> list[dict]:
+    """(line, record) pairs -> rows with the text fields and a label index; DataError names `path:line`."""
     fields = list(dataset_cfg.text_fields)
+    label_map = dict(dataset_cfg.get("label_map") or {})
     label_key, names = dataset_cfg.label_field, list(dataset_cfg.label_names)
     rows = []
-    for lineno, record in _records(path, fmt):
+    for lineno, record in records:
         if not isinstance(record, dict):
             raise DataError(f"{path}:{lineno}: expected a JSON object")
         for key in [*fields, label_key]:
@@ -85,6 +113,8 @@ def read_rows(path: Path, dataset_cfg: DictConfig, fmt: str = "jsonl") -> list[d
             if not isinstance(record[key], str):
                 raise DataError(f"{path}:{lineno}: field {key!r} must be a string")
         label = record[label_key]
+        if isinstance(label, (str, int, float, bool)):
+            label = label_map.get(label, label)
         if label not in names:
             raise DataError(f"{path}:{lineno}: unknown label {label!r} in field {label_key!r} "
                             f"(expected one of {names})")
@@ -122,7 +152,9 @@ def encode(dataset: datasets.Dataset, tokenizer, cfg: DictConfig, *, answer: int
 
     classification: the text fields (one, or a pair) -> (input_ids, attention_mask, class index).
     causal_lm: prompt + " <label name>" + EOS -> (input_ids, attention_mask, token labels) where only the
-    answer tokens carry a label. `answer=k` writes label k's answer for every row (to score candidates).
+    answer tokens carry a label, padded on the left so that every answer ends at the last position (the
+    model then computes logits for the last few positions only). `answer=k` writes label k's answer for
+    every row (to score candidates).
     """
     fields, max_length = list(cfg.dataset.text_fields), cfg.model.max_length
     if cfg.model.task == "classification":
@@ -147,9 +179,9 @@ def encode(dataset: datasets.Dataset, tokenizer, cfg: DictConfig, *, answer: int
         target = answers[row["label"] if answer is None else answer]
         prompt = (bos + prompt)[: max_length - len(target)]
         seq = prompt + target
-        ids[i, : len(seq)] = torch.tensor(seq)
-        mask[i, : len(seq)] = 1
-        labels[i, len(prompt): len(seq)] = torch.tensor(target)
+        ids[i, max_length - len(seq):] = torch.tensor(seq)
+        mask[i, max_length - len(seq):] = 1
+        labels[i, max_length - len(target):] = torch.tensor(target)
     return TensorDataset(ids, mask, labels)
 
 

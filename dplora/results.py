@@ -122,7 +122,7 @@ def load_checkpoint(resume: bool | str, out_dir: Path, config: dict) -> Checkpoi
         raise ResumeError(f"cannot resume: {metrics_path} has {len(metrics['rounds'])} rounds but the checkpoint "
                           f"{folder} is at round {done}")
     old = {k: v for k, v in metrics["config"].items() if k != "resume"}
-    new = {k: v for k, v in config.items() if k != "resume"}
+    new = {k: v for k, v in json.loads(json.dumps(config)).items() if k != "resume"}  # as metrics.json holds it
     if old != new:
         differ = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
         raise ResumeError(f"cannot resume: the config differs from the checkpointed run's in {differ}")

@@ -27,21 +27,33 @@ def device() -> torch.device:
 
 
 def _trim(batch: list[torch.Tensor], dev: torch.device) -> list[torch.Tensor]:
-    """Move to device and cut the padding columns that no example in the batch uses."""
+    """Move to device and cut the padding columns that no example in the batch uses (classification pads
+    on the right, causal LM on the left)."""
     ids, mask, labels = (t.to(dev) for t in batch)
     width = max(int(mask.sum(dim=1).max()), 1)
     if labels.dim() == 2:
-        labels = labels[:, :width]
+        return [ids[:, -width:], mask[:, -width:], labels[:, -width:]]
     return [ids[:, :width], mask[:, :width], labels]
 
 
-def sequence_losses(model: torch.nn.Module, batch: list[torch.Tensor], task: str) -> torch.Tensor:
-    """The loss of each example in the batch, shape (batch,)."""
+def sequence_losses(model: torch.nn.Module, batch: list[torch.Tensor], task: str,
+                    answer_logits_only: bool = True) -> torch.Tensor:
+    """The loss of each example in the batch, shape (batch,).
+
+    causal_lm (left-padded, answers at the end): the language-model head runs on the last `span + 1`
+    positions only, where `span` covers every answer token in the batch, instead of on every position:
+    the vocabulary projection dominates a small model's cost. `answer_logits_only=False` computes all
+    logits and then keeps the same ones (scripts/bench.py measures the difference).
+    """
     ids, mask, labels = batch
-    logits = model(input_ids=ids, attention_mask=mask).logits
     if task == "classification":
-        return F.cross_entropy(logits.float(), labels, reduction="none")
-    logits, targets = logits[:, :-1].float(), labels[:, 1:]
+        return F.cross_entropy(model(input_ids=ids, attention_mask=mask).logits.float(), labels, reduction="none")
+    first_answer = (labels != IGNORE_INDEX).int().argmax(dim=1)  # the earliest answer token of each row
+    span = min(int(ids.shape[1] - first_answer.min()), ids.shape[1] - 1)
+    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)  # left padding: real tokens count from 0
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                   logits_to_keep=span + 1 if answer_logits_only else 0).logits
+    logits, targets = logits[:, -(span + 1):-1].float(), labels[:, -span:]
     token_loss = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none")
     answer = (targets != IGNORE_INDEX).float()
     return (token_loss * answer).sum(dim=1) / answer.sum(dim=1).clamp(min=1.0)

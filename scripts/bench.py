@@ -73,8 +73,8 @@ def fixed_batch(cfg, tokenizer, size: int) -> list[torch.Tensor]:
 class Stepper:
     """One training step of one variant: `None` = no DP, else an Opacus grad_sample_mode."""
 
-    def __init__(self, model, cfg, batch, mode: str | None):
-        self.cfg, self.batch, self.mode = cfg, batch, mode
+    def __init__(self, model, cfg, batch, mode: str | None, answer_logits_only: bool = True):
+        self.cfg, self.batch, self.mode, self.answer_logits_only = cfg, batch, mode, answer_logits_only
         self.model = copy.deepcopy(model)
         optimizer = make_optimizer([p for p in self.model.parameters() if p.requires_grad], cfg.train)
         self.backward = mean_backward
@@ -90,7 +90,7 @@ class Stepper:
 
     def step(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
-        self.backward(sequence_losses(self.module, self.batch, self.cfg.model.task))
+        self.backward(sequence_losses(self.module, self.batch, self.cfg.model.task, self.answer_logits_only))
         self.optimizer.step()
 
 
@@ -105,6 +105,8 @@ def step_times(model_name: str, overrides: str, batch_size: int, repeats: int, s
             variants[mode].step()  # fails here if the mode cannot handle this model
         except Exception as err:  # noqa: BLE001 - a mode that does not work here is reported, not fatal
             variants[mode] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+    if cfg.model.task == "causal_lm":  # what computing logits for the answer positions only saves
+        variants["non_private_all_logits"] = Stepper(model, cfg, batch, None, answer_logits_only=False)
     runnable = {k: v for k, v in variants.items() if isinstance(v, Stepper)}
     for stepper in runnable.values():  # warm-up
         stepper.step()
@@ -118,9 +120,11 @@ def step_times(model_name: str, overrides: str, batch_size: int, repeats: int, s
     median = {k: statistics.median(v) for k, v in seconds.items()}
     result = {"batch_size": batch_size, "sequence_length": batch[0].shape[1], "repeats": repeats,
               "steps_per_repeat": steps, "seconds_per_step": median,
-              "ratio": {m: median[m] / median["non_private"] for m in median if m != "non_private"},
+              "ratio": {m: median[m] / median["non_private"] for m in MODES if m in median},
               "failed_modes": {k: v for k, v in variants.items() if isinstance(v, str)}}
     result["best_mode"] = min(result["ratio"], key=result["ratio"].get)
+    if "non_private_all_logits" in median:
+        result["answer_logits_speedup"] = median["non_private_all_logits"] / median["non_private"]
     result["auto_mode"] = grad_sample_mode("auto", cfg.model.task)[0]
     return result
 
@@ -189,9 +193,12 @@ def plain_loop_child(overrides: str, num_clients: int) -> dict:
     test_sets, test_labels = data.test_sets(cfg, tokenizer)
     evaluate(model, test_sets, test_labels, cfg)
     arrays, states, rounds = models.to_arrays(model), [RecordDict() for _ in range(num_clients)], []
+    ledgers = tempfile.mkdtemp(prefix="dplora-plain-")  # the owners keep ledgers, as in the simulation
+    nodes = [client.node_settings({"partition-id": i, "num-partitions": num_clients}, ledgers)
+             for i in range(num_clients)]
     for server_round in range(1, cfg.num_rounds + 1):
-        replies = [client.train(cfg, arrays, states[i], partition_id=i, num_partitions=num_clients,
-                                server_round=server_round) for i in range(num_clients)]
+        replies = [client.train(cfg, arrays, states[i], node_config=nodes[i], server_round=server_round,
+                                run_key="plain") for i in range(num_clients)]
         weights = [int(r["metrics"]["num-examples"]) for r in replies]
         tensors = [r["arrays"].to_torch_state_dict() for r in replies]
         average = {k: sum(w * t[k] for w, t in zip(weights, tensors, strict=True)) / sum(weights)
@@ -235,16 +242,17 @@ def linear_fit(xs: list[float], ys: list[float]) -> dict:
 
 # ------------------------------------------------------------------------------------------- the suite
 
-def run(quick: bool) -> dict:
+def run(quick: bool, model_names: tuple[str, ...] = MODELS) -> dict:
     fpb = fpb_overrides()
     batch, repeats, steps = (16, 3, 1) if quick else (64, 7, 3)
     result: dict = {"quick": quick, "device": str(device()), "torch_threads": torch.get_num_threads(),
+                    "cache": os.environ.get("DPLORA_CACHE", "1") != "0",
                     "step_time": {}, "memory": {}, "upload": {}}
-    for name in MODELS:
+    for name in model_names:
         log(f"step time: {name}, batch {batch}, {repeats} interleaved repeats of {steps} step(s)")
         result["step_time"][name] = step_times(name, fpb, batch, repeats, steps)
         log(f"  ratios {fmt(result['step_time'][name]['ratio'])}; failed {result['step_time'][name]['failed_modes']}")
-    for name in MODELS:
+    for name in model_names:
         mode = result["step_time"][name]["auto_mode"]
         log(f"memory: {name}, mode {mode} vs no DP (fresh processes)")
         result["memory"][name] = memory(name, fpb, batch, 2 if quick else 5, mode)
@@ -252,28 +260,33 @@ def run(quick: bool) -> dict:
     with tempfile.TemporaryDirectory(prefix="dplora-bench-") as tmp:
         work = Path(tmp)
         with simulation.local_superlink(work / "flwr_home") as env:
-            if quick:  # tiny-llama on small synthetic data
+            if quick:  # tiny-llama on small synthetic data; the overhead run is also the 2-client point
                 base = "model=tiny-llama dataset.num_test=40 train.local_epochs=1 train.batch_size=16"
-                overhead_clients, overhead = 2, f"{base} dataset.num_train=64 num_rounds=2"
-                per_client, clients = 32, [1, 2]
+                per_client, clients, overhead_clients = 32, [1, 2], 2
+                overhead = f"{base} dataset.num_train={2 * per_client} num_rounds=2 strategy.min_clients=2"
             else:  # MiniLM on FPB, as users run it
                 base = "dataset.num_test=200 train.local_epochs=1"
-                overhead_clients, overhead = 5, f"{fpb} num_rounds=2"
-                per_client, clients = 128, [2, 5, 10, 20]
+                per_client, clients, overhead_clients = 128, [2, 5, 10, 20], 5
+                overhead = f"{fpb} num_rounds=2"
             log(f"Flower overhead: `flwr run` with {overhead_clients} clients vs a plain loop: {overhead}")
-            flwr_s, _ = flower_run(overhead, overhead_clients, env, work, "overhead")
+            flwr_s, overhead_metrics = flower_run(overhead, overhead_clients, env, work, "overhead")
             plain = plain_loop(overhead, overhead_clients)
             result["flower_overhead"] = {"overrides": overhead, "clients": overhead_clients,
-                                         "flower_seconds": flwr_s, "plain_seconds": plain["seconds"]}
+                                         "flower_seconds": flwr_s, "plain_seconds": plain["seconds"],
+                                         "flower_accuracy": [r["accuracy"] for r in overhead_metrics["rounds"]],
+                                         "plain_accuracy": plain["accuracy"]}
             log(f"  flwr run {flwr_s:.1f}s, plain loop {plain['seconds']:.1f}s")
             by_clients = {}
             for n in clients:
                 overrides = (f"{base} dataset.num_train={n * per_client} num_rounds=2 "
                              f"strategy.min_clients={min(n, 2)}")
-                log(f"round time: {n} clients x {per_client} examples")
-                _, metrics = flower_run(overrides, n, env, work, f"clients-{n}")
+                if overrides == overhead:
+                    metrics = overhead_metrics
+                else:
+                    log(f"round time: {n} clients x {per_client} examples")
+                    _, metrics = flower_run(overrides, n, env, work, f"clients-{n}")
                 by_clients[n] = round_seconds(metrics)
-                log(f"  {by_clients[n]:.1f}s per round")
+                log(f"  {n} clients: {by_clients[n]:.1f}s per round")
     result["round_time_by_clients"] = {str(n): s for n, s in by_clients.items()}
     result["round_time_fit"] = linear_fit([float(n) for n in by_clients], list(by_clients.values()))
     result["round_time_fit"]["examples_per_client"] = per_client
@@ -294,6 +307,9 @@ def table(result: dict) -> str:
     for name, r in result["step_time"].items():
         lines.append(f"| DP step time / non-private, {name} (batch {r['batch_size']}, {r['sequence_length']} tokens) "
                      f"| {fmt(r['ratio'])}; best: {r['best_mode']} |")
+        if "answer_logits_speedup" in r:
+            lines.append(f"| step time with all logits / answer logits only, {name} (non-private) "
+                         f"| {r['answer_logits_speedup']:.2f}x |")
     for name, r in result["memory"].items():
         lines.append(f"| DP peak memory / non-private, {name} ({r['mode']}) | {r['ratio']:.3f}x "
                      f"({r['private']['peak_mb']:.0f} vs {r['non_private']['peak_mb']:.0f} MB; "
@@ -325,10 +341,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, type=Path, help="where to write the JSON results")
     parser.add_argument("--quick", action="store_true", help="a reduced version (~1-2 min)")
+    parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS),
+                        help="models for the step-time, memory and upload figures (default: both)")
     args = parser.parse_args()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    result = run(args.quick)
+    result = run(args.quick, tuple(args.models))
     result["seconds"] = time.perf_counter() - start
     bad = [k for k in ("dp_step_ratio", "dp_memory_ratio", "upload_fraction", "flower_overhead_ratio")
            if not (math.isfinite(result[k]) and result[k] > 0)]

@@ -47,6 +47,12 @@ def test_overrides_apply_and_groups_switch():
     ("partitioner=zipf", "partitioner"),
     ("privacy.no_such_key=1", "no_such_key"),
     ("num_rounds", "num_rounds"),  # not an override at all
+    ("resume=0", "resume"),
+    ("privacy.grad_sample_mode=magic", "privacy.grad_sample_mode"),
+    ("dataset=boolq dataset.hub_id=null", "dataset.hub_id"),
+    ("dataset=boolq dataset.hub_splits={train: train}", "dataset.hub_splits"),
+    ("dataset=sst2 dataset.path=/x dataset.max_train=0", "dataset.max_train"),
+    ("dataset.label_map=[a]", "dataset.label_map"),
 ])
 def test_bad_config_names_the_key(overrides, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

@@ -161,3 +161,32 @@ def test_pair_inputs_for_pubmedqa_classification(shared_data):
     ids, mask, labels = data.encode(ds, tok, cfg).tensors
     assert ids.shape == (3, 64) and torch.equal(labels, torch.tensor(ds["label"]))
     assert all((row == tok.sep_token_id).sum() == 2 for row in ids)  # question [SEP] context [SEP]
+
+
+def test_label_map_renames_raw_labels(tmp_path):
+    cfg = config.compose("dataset=boolq")  # a Hub config; read a local file with its fields and label map
+    path = tmp_path / "boolq.jsonl"
+    path.write_text(json.dumps({"question": "is it", "passage": "it is", "answer": True}) + "\n"
+                    + json.dumps({"question": "is it", "passage": "it is not", "answer": False}) + "\n")
+    assert [r["label"] for r in data.read_rows(path, cfg.dataset)] == [1, 0]  # label_names: no, yes
+    path.write_text(json.dumps({"question": "q", "passage": "p", "answer": "maybe"}) + "\n")
+    with pytest.raises(DataError, match=r"boolq.jsonl:1: unknown label 'maybe'"):
+        data.read_rows(path, cfg.dataset)
+
+
+def test_max_train_keeps_a_fixed_subsample_whatever_the_seed(shared_data):
+    picks = []
+    for seed in (0, 1):
+        cfg = config.compose(f"dataset=sst2 dataset.path={shared_data / 'sst2'} dataset.max_train=500 seed={seed}")
+        train = data.load_split(cfg.dataset, "train")
+        assert len(train) == 500
+        picks.append(list(train["text"]))
+    assert picks[0] == picks[1]
+    assert len(data.load_split(cfg.dataset, "test")) == 872  # the test split is never subsampled
+
+
+def test_hub_dataset_offline_fails_with_a_clear_message(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg = config.compose("dataset=flowertune-finance")
+    with pytest.raises(DataError, match=r"flwrlabs/fingpt-sentiment-train .*cannot load from the Hugging Face Hub"):
+        data.load_split(cfg.dataset, "train")

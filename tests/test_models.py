@@ -4,7 +4,7 @@ import pytest
 import torch
 from flwr.app import ArrayRecord
 
-from dplora import config, models
+from dplora import config, data, models
 
 
 @pytest.mark.parametrize("overrides", ["model=tiny-llama", "", "model.pooling=cls"])
@@ -43,3 +43,19 @@ def test_base_model_and_initial_adapter_are_reproducible(tiny_cfg):
     a, _ = models.build_model(tiny_cfg)
     b, _ = models.build_model(tiny_cfg)
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+
+
+def test_causal_lm_losses_from_answer_logits_match_full_logits_and_ignore_padding(tiny_cfg):
+    from dplora.train import _trim, sequence_losses
+    model, tok = models.build_model(tiny_cfg)
+    model.eval()
+    encoded = data.encode(data.load_split(tiny_cfg.dataset, "train").select(range(6)), tok, tiny_cfg)
+    batch = _trim(list(encoded.tensors), torch.device("cpu"))
+    with torch.no_grad():
+        fast = sequence_losses(model, batch, "causal_lm")
+        full = sequence_losses(model, batch, "causal_lm", answer_logits_only=False)
+        alone = [sequence_losses(model, _trim([t[i:i + 1] for t in encoded.tensors], torch.device("cpu")),
+                                 "causal_lm") for i in range(6)]
+    assert torch.isfinite(fast).all() and fast.shape == (6,)
+    torch.testing.assert_close(fast, full)
+    torch.testing.assert_close(fast, torch.cat(alone), rtol=1e-4, atol=1e-4)  # left padding changes nothing

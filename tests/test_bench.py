@@ -1,0 +1,28 @@
+"""scripts/bench.py runs end to end and writes every figure (the figures themselves are judged by the benchmark)."""
+
+import json
+import math
+import subprocess
+import sys
+
+from .conftest import ROOT
+
+FIELDS = ("dp_step_ratio", "dp_memory_ratio", "upload_fraction", "flower_overhead_ratio")
+
+
+def test_quick_benchmark_writes_every_figure(tmp_path):
+    out = tmp_path / "bench.json"
+    run = subprocess.run([sys.executable, "scripts/bench.py", "--quick", "--models", "tiny-llama", "--out", str(out)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    result = json.loads(out.read_text())
+    for field in FIELDS:
+        assert math.isfinite(result[field]) and result[field] > 0, field
+    assert 0 < result["upload_fraction"] < 1
+    step = result["step_time"]["tiny-llama"]
+    assert step["best_mode"] in step["ratio"] and "hooks" in step["ratio"]
+    assert all(math.isfinite(r) and r > 0 for r in step["ratio"].values())
+    times = result["round_time_by_clients"]
+    assert set(times) == {"1", "2"} and all(s > 0 for s in times.values())
+    assert math.isfinite(result["round_time_fit"]["seconds_per_client"])
+    assert "| headline |" in run.stdout  # the printed table
