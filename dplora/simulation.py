@@ -19,6 +19,8 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from . import config
+
 ROOT = Path(__file__).resolve().parent.parent
 HTTP_ADDRESS = "127.0.0.1:39091"  # where `flwr run` looks for a local SuperLink
 CONTROL_ADDRESS = "127.0.0.1:39093"
@@ -85,6 +87,10 @@ def flwr_run(overrides: str, output_dir: Path, num_supernodes: int, env: dict[st
     started = time.time()
     if "'" in overrides:
         raise SimulationError(f"overrides may not contain single quotes: {overrides!r}")
+    cfg = config.compose(overrides)  # a config error stops here, with its key named, before Flower starts
+    if cfg.strategy.min_clients > num_supernodes:  # Flower's sampling would wait for them forever
+        raise config.ConfigError(f"strategy.min_clients={cfg.strategy.min_clients} is more than the "
+                                 f"{num_supernodes} simulated data owners")
     command = ["flwr", "run", ".", "--stream", "--run-config", f"overrides='{overrides}' output-dir='{output_dir}'",
                "--federation-config", f"num-supernodes={num_supernodes}"]
     log_path = output_dir / "flwr.log"

@@ -40,11 +40,12 @@ from dplora.privacy import (
     grad_sample_mode,
     mean_backward,
 )
-from dplora.train import device, evaluate, make_optimizer, sequence_losses
+from dplora.train import _trim, device, evaluate, make_optimizer, sequence_losses
 
 SHARED_DATA = Path(os.environ.get("DPLORA_SHARED_DATA", ROOT.parent / "shared" / "data"))
 MODES = [m for m in GRAD_SAMPLE_MODES if m != "auto"]
 MODELS = ("minilm", "tiny-llama")
+HEADLINE = ("dp_step_ratio", "dp_memory_ratio", "upload_fraction", "flower_overhead_ratio")
 
 
 def log(message: str) -> None:
@@ -62,12 +63,9 @@ def fpb_overrides() -> str:
 # ------------------------------------------------------------------------------------ 1. step time
 
 def fixed_batch(cfg, tokenizer, size: int) -> list[torch.Tensor]:
-    """The first `size` training examples, tokenized, padding columns no example uses cut off."""
+    """The first `size` training examples, tokenized, padding columns no example uses cut off (as in training)."""
     train_split = data.load_split(cfg.dataset, "train").select(range(size))
-    ids, mask, labels = data.encode(train_split, tokenizer, cfg).tensors
-    width = int(mask.sum(dim=1).max())
-    return [t.to(device()) for t in (ids[:, :width], mask[:, :width], labels[:, :width] if labels.dim() == 2
-                                     else labels)]
+    return _trim(list(data.encode(train_split, tokenizer, cfg).tensors), device())
 
 
 class Stepper:
@@ -242,7 +240,7 @@ def linear_fit(xs: list[float], ys: list[float]) -> dict:
 
 # ------------------------------------------------------------------------------------------- the suite
 
-def run(quick: bool, model_names: tuple[str, ...] = MODELS) -> dict:
+def run(quick: bool, model_names: tuple[str, ...] = MODELS, flower: bool = True) -> dict:
     fpb = fpb_overrides()
     batch, repeats, steps = (16, 3, 1) if quick else (64, 7, 3)
     result: dict = {"quick": quick, "device": str(device()), "torch_threads": torch.get_num_threads(),
@@ -257,6 +255,18 @@ def run(quick: bool, model_names: tuple[str, ...] = MODELS) -> dict:
         log(f"memory: {name}, mode {mode} vs no DP (fresh processes)")
         result["memory"][name] = memory(name, fpb, batch, 2 if quick else 5, mode)
         result["upload"][name] = upload(name, fpb)
+    if model_names:  # headline figures (targets in docs/PERFORMANCE.md): the worse model's where there are two
+        result["dp_step_ratio"] = max(r["ratio"][r["best_mode"]] for r in result["step_time"].values())
+        result["dp_memory_ratio"] = max(r["ratio"] for r in result["memory"].values())
+        result["upload_fraction"] = max(r["fraction"] for r in result["upload"].values())
+    if flower:
+        result.update(flower_figures(quick, fpb))
+    return result
+
+
+def flower_figures(quick: bool, fpb: str) -> dict:
+    """Sections 4 and 5: `flwr run` against a plain loop, and round time by number of clients."""
+    result = {}
     with tempfile.TemporaryDirectory(prefix="dplora-bench-") as tmp:
         work = Path(tmp)
         with simulation.local_superlink(work / "flwr_home") as env:
@@ -290,10 +300,6 @@ def run(quick: bool, model_names: tuple[str, ...] = MODELS) -> dict:
     result["round_time_by_clients"] = {str(n): s for n, s in by_clients.items()}
     result["round_time_fit"] = linear_fit([float(n) for n in by_clients], list(by_clients.values()))
     result["round_time_fit"]["examples_per_client"] = per_client
-    # The headline ratios (targets in docs/PERFORMANCE.md): the worst model's figure where there are two.
-    result["dp_step_ratio"] = max(r["ratio"][r["best_mode"]] for r in result["step_time"].values())
-    result["dp_memory_ratio"] = max(r["ratio"] for r in result["memory"].values())
-    result["upload_fraction"] = max(r["fraction"] for r in result["upload"].values())
     result["flower_overhead_ratio"] = flwr_s / plain["seconds"]
     return result
 
@@ -317,16 +323,14 @@ def table(result: dict) -> str:
     for name, r in result["upload"].items():
         lines.append(f"| upload / full model, {name} | {100 * r['fraction']:.3f}% "
                      f"({r['upload_bytes'] / 1e6:.2f} of {r['model_bytes'] / 1e6:.1f} MB) |")
-    o = result["flower_overhead"]
-    lines.append(f"| `flwr run` / plain loop ({o['clients']} clients) | {result['flower_overhead_ratio']:.3f}x "
-                 f"({o['flower_seconds']:.1f} vs {o['plain_seconds']:.1f} s) |")
-    fit = result["round_time_fit"]
-    times = ", ".join(f"{n}: {s:.1f}s" for n, s in result["round_time_by_clients"].items())
-    lines.append(f"| round time by clients | {times}; {fit['seconds_per_client']:.2f} s/client + "
-                 f"{fit['intercept_seconds']:.1f} s, R^2 {fit['r_squared']:.3f} |")
-    lines.append(f"| headline | dp_step_ratio {result['dp_step_ratio']:.3f}, dp_memory_ratio "
-                 f"{result['dp_memory_ratio']:.3f}, upload_fraction {result['upload_fraction']:.5f}, "
-                 f"flower_overhead_ratio {result['flower_overhead_ratio']:.3f} |")
+    if "flower_overhead" in result:
+        o, fit = result["flower_overhead"], result["round_time_fit"]
+        lines.append(f"| `flwr run` / plain loop ({o['clients']} clients) | {result['flower_overhead_ratio']:.3f}x "
+                     f"({o['flower_seconds']:.1f} vs {o['plain_seconds']:.1f} s) |")
+        times = ", ".join(f"{n}: {s:.1f}s" for n, s in result["round_time_by_clients"].items())
+        lines.append(f"| round time by clients | {times}; {fit['seconds_per_client']:.2f} s/client + "
+                     f"{fit['intercept_seconds']:.1f} s, R^2 {fit['r_squared']:.3f} |")
+    lines.append("| headline | " + ", ".join(f"{k} {result[k]:.5g}" for k in HEADLINE if k in result) + " |")
     return "\n".join(lines)
 
 
@@ -341,15 +345,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, type=Path, help="where to write the JSON results")
     parser.add_argument("--quick", action="store_true", help="a reduced version (~1-2 min)")
-    parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS),
-                        help="models for the step-time, memory and upload figures (default: both)")
+    parser.add_argument("--skip-flower", action="store_true", help="sections 1-3 only (no Flower runs)")
+    parser.add_argument("--models", nargs="*", choices=MODELS, default=list(MODELS),
+                        help="models for the step-time, memory and upload figures (default: both; "
+                             "none: the Flower figures only)")
     args = parser.parse_args()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    result = run(args.quick, tuple(args.models))
+    result = run(args.quick, tuple(args.models), flower=not args.skip_flower)
     result["seconds"] = time.perf_counter() - start
-    bad = [k for k in ("dp_step_ratio", "dp_memory_ratio", "upload_fraction", "flower_overhead_ratio")
-           if not (math.isfinite(result[k]) and result[k] > 0)]
+    bad = [k for k in HEADLINE if k in result and not (math.isfinite(result[k]) and result[k] > 0)]
     args.out.write_text(json.dumps(result, indent=2))
     print(table(result))
     log(f"wrote {args.out} in {result['seconds']:.0f}s")

@@ -118,3 +118,10 @@ def test_server_killed_after_round_1_resumes_without_losing_a_round_or_a_budget(
     for entry in ledgers:  # no owner spent more than the run planned, and both went on after the restart
         assert entry["round"] >= 2 and 0 < entry["steps"] <= entry["planned_steps"]
     assert json.loads((out / "adapter" / "round.json").read_text())["round"] == 3
+
+
+def test_impossible_min_clients_fails_before_flower_starts(tmp_path):
+    with pytest.raises(config.ConfigError, match="strategy.min_clients=3 is more than the 2 simulated"):
+        flwr_run(f"{OVERRIDES} strategy.min_clients=3", tmp_path, num_supernodes=2, env={})
+    with pytest.raises(config.ConfigError, match="num_rounds"):
+        flwr_run("num_rounds=0", tmp_path, num_supernodes=2, env={})
