@@ -1,8 +1,10 @@
 """What privacy costs in time, memory and bandwidth, and what Flower costs: every figure a ratio measured
 side by side in this one run (docs/PERFORMANCE.md).
 
-    python scripts/bench.py --out bench.json            # the full suite (~25 min on a 2-core CPU)
-    python scripts/bench.py --out bench.json --quick    # a reduced version (~1-2 min)
+    python scripts/bench.py --out bench.json            # the full suite (~28 min on a 2-core CPU)
+    python scripts/bench.py --out bench.json --quick    # a reduced version (~2 min)
+    python scripts/bench.py --out steps.json --skip-flower   # sections 1-3 only (~4 min)
+    DPLORA_CACHE=0 python scripts/bench.py --out f.json --models   # sections 4-5 only, without the cache
 
 1. step time: one DP-SGD step / the same step without DP (same model, batch, sequence length, data), for
    MiniLM classification and tiny-llama causal LM, per Opacus grad_sample_mode; interleaved repeats, medians.
@@ -344,7 +346,7 @@ def main() -> None:
         return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, type=Path, help="where to write the JSON results")
-    parser.add_argument("--quick", action="store_true", help="a reduced version (~1-2 min)")
+    parser.add_argument("--quick", action="store_true", help="a reduced version (~2 min)")
     parser.add_argument("--skip-flower", action="store_true", help="sections 1-3 only (no Flower runs)")
     parser.add_argument("--models", nargs="*", choices=MODELS, default=list(MODELS),
                         help="models for the step-time, memory and upload figures (default: both; "
