@@ -71,12 +71,56 @@ def local_superlink(flwr_home: Path) -> Iterator[dict[str, str]]:
             time.sleep(0.5)
         yield {**env, "DPLORA_SUPERLINK_PID": str(proc.pid)}
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)  # the SuperLink and every process it started
+        stop(proc)
+
+
+def descendants(root: int, name: str = "") -> list[int]:
+    """PIDs of the live processes under `root` (any session) whose command line contains `name`."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
         try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (ValueError, OSError, IndexError):
+            continue  # not a process, or it just ended
+        children.setdefault(ppid, []).append(int(entry.name))
+    found, stack = [], [root]
+    while stack:
+        for pid in children.get(stack.pop(), []):
+            stack.append(pid)
+            try:
+                if name in (Path("/proc") / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode():
+                    found.append(pid)
+            except OSError:
+                continue
+    return found
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """Stop the SuperLink and everything it started. Its SuperExec runs in a session of its own (so a
+    process-group kill misses it) and would otherwise serve the next SuperLink on the same port."""
+    spawned = descendants(proc.pid)
+    os.killpg(proc.pid, signal.SIGTERM)
+    for pid in spawned:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.time() + 20
+    while time.time() < deadline and (proc.poll() is None or any(_alive(pid) for pid in spawned)):
+        time.sleep(0.2)
+    for pid in [proc.pid, *spawned]:
+        if _alive(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    proc.wait()
+
+
+def _alive(pid: int) -> bool:
+    """Running (not gone, not a zombie waiting to be reaped)."""
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def flwr_run(overrides: str, output_dir: Path, num_supernodes: int, env: dict[str, str],

@@ -1,5 +1,6 @@
 """End to end, as a user runs it: `flwr run .` on a local simulation SuperLink, then the results on disk."""
 
+import contextlib
 import json
 import os
 import signal
@@ -13,7 +14,7 @@ import torch
 from peft import PeftModel
 
 from dplora import config, data, models
-from dplora.simulation import SimulationError, flwr_run, local_superlink
+from dplora.simulation import SimulationError, descendants, flwr_run, local_superlink
 from dplora.train import evaluate
 
 from .conftest import ROOT
@@ -76,20 +77,6 @@ def test_flwr_run_simulation_end_to_end(superlink_env, tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), checkpoint.parameters()))
 
 
-def _descendants(root: int, name: str) -> list[int]:
-    """PIDs of the processes under `root` whose command line contains `name`."""
-    children: dict[int, list[tuple[int, str]]] = {}
-    for row in subprocess.run(["ps", "-eo", "pid,ppid,args"], capture_output=True, text=True).stdout.splitlines()[1:]:
-        pid, ppid, args = row.split(None, 2)
-        children.setdefault(int(ppid), []).append((int(pid), args))
-    found, stack = [], [root]
-    while stack:
-        for pid, args in children.get(stack.pop(), []):
-            stack.append(pid)
-            found += [pid] if name in args else []
-    return found
-
-
 def test_server_killed_after_round_1_resumes_without_losing_a_round_or_a_budget(superlink_env, tmp_path):
     overrides = OVERRIDES.replace("num_rounds=2", "num_rounds=3").replace("num_train=200", "num_train=400")
     out, killed, finished = tmp_path / "run", [], threading.Event()
@@ -97,10 +84,12 @@ def test_server_killed_after_round_1_resumes_without_losing_a_round_or_a_budget(
     def kill_at_first_checkpoint() -> None:  # the simulation process holds the ServerApp: SIGKILL it
         while not finished.is_set():
             if (out / "checkpoint" / "round.json").is_file():
-                killed.extend(_descendants(int(superlink_env["DPLORA_SUPERLINK_PID"]), "flwr-simulation"))
-                for pid in killed:
-                    os.kill(pid, signal.SIGKILL)
-                return
+                for pid in descendants(int(superlink_env["DPLORA_SUPERLINK_PID"]), "flwr-simulation"):
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+                        killed.append(pid)
+                if killed:
+                    return
             time.sleep(0.05)
 
     killer = threading.Thread(target=kill_at_first_checkpoint)
@@ -135,3 +124,14 @@ def test_impossible_min_clients_fails_before_flower_starts(tmp_path):
         flwr_run(f"{OVERRIDES} strategy.min_clients=3", tmp_path, num_supernodes=2, env={})
     with pytest.raises(config.ConfigError, match="num_rounds"):
         flwr_run("num_rounds=0", tmp_path, num_supernodes=2, env={})
+
+
+def test_stopping_the_superlink_stops_everything_it_started(tmp_path):
+    """Its SuperExec runs in a session of its own; left alive, it would serve the next SuperLink's runs."""
+    with local_superlink(tmp_path / "flwr-home") as env:
+        deadline = time.time() + 30
+        while not (spawned := descendants(int(env["DPLORA_SUPERLINK_PID"]))) and time.time() < deadline:
+            time.sleep(0.2)
+        assert spawned
+    assert not [pid for pid in spawned if os.path.exists(f"/proc/{pid}")
+                and open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"]
