@@ -67,9 +67,10 @@ def local_model(cfg: DictConfig):
 
 def local_data(cfg: DictConfig, node_config: dict, tokenizer):
     """(raw split, tokenized TensorDataset, description) of this owner's training data, built once per process."""
+    path = Path(str(node_config["data-path"])).expanduser() if "data-path" in node_config else None
+
     def build():
-        if "data-path" in node_config:
-            path = Path(str(node_config["data-path"])).expanduser()
+        if path is not None:
             fmt = path.suffix.lstrip(".") or cfg.dataset.format
             if fmt not in data.FORMATS:
                 raise data.DataError(f"{path}: unknown format {fmt!r}; name the file .jsonl, .csv or .parquet")
@@ -84,9 +85,7 @@ def local_data(cfg: DictConfig, node_config: dict, tokenizer):
             pid, n = int(node_config["partition-id"]), int(node_config["num-partitions"])
             local, where = data.client_partition(cfg, pid, n), f"partition {pid} of {n} ({cfg.partitioner.name})"
         return local, data.encode(local, tokenizer, cfg), where
-    version = ""  # an owner's file that changes is read again
-    if "data-path" in node_config and Path(str(node_config["data-path"])).expanduser().is_file():
-        version = Path(str(node_config["data-path"])).expanduser().stat().st_mtime_ns
+    version = path.stat().st_mtime_ns if path is not None and path.is_file() else ""  # a changed file is reread
     key = json.dumps([config.to_dict(cfg), {k: str(v) for k, v in node_config.items()}, version], sort_keys=True)
     return _cached("data", key, build, keep=64)
 
@@ -120,7 +119,7 @@ def load_account(state: RecordDict, cfg: DictConfig, num_examples: int, ledger: 
     account = PrivacyAccount.plan(cfg.privacy, num_examples, cfg.train.batch_size,
                                   planned_epochs=cfg.num_rounds * cfg.train.local_epochs)
     if account.private:
-        mode, why = grad_sample_mode(cfg.privacy.grad_sample_mode, cfg.model.task)
+        mode, why = grad_sample_mode(cfg.privacy.grad_sample_mode)
         log.info("privacy plan: %d examples, q=%.5f, %d planned steps, noise multiplier %.4f for epsilon=%s "
                  "delta=%g; per-example gradients by Opacus %s mode (%s)", num_examples, account.sample_rate,
                  account.planned_steps, account.noise_multiplier, account.target_epsilon, account.delta, mode, why)

@@ -21,14 +21,15 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 import warnings
+from dataclasses import asdict, fields
 from pathlib import Path
 
 from opacus.accountants import PRVAccountant
 
 from .privacy import BudgetExhausted, PrivacyAccount
+from .results import write_json
 
 
 class LedgerError(ValueError):
@@ -78,9 +79,7 @@ class PrivacyLedger:
         run = self.runs.get(run_key)
         if run is None:
             return None
-        fields = ("target_epsilon", "delta", "max_grad_norm", "accountant", "noise_multiplier", "sample_rate",
-                  "planned_steps", "steps")
-        return PrivacyAccount(**{k: run[k] for k in fields})
+        return PrivacyAccount(**{f.name: run[f.name] for f in fields(PrivacyAccount)})
 
     def trained_round(self, run_key: str) -> int:
         """The last server round of `run_key` this owner trained (0: none)."""
@@ -88,15 +87,10 @@ class PrivacyLedger:
 
     def record(self, run_key: str, account: PrivacyAccount, server_round: int) -> None:
         """Write this run's account (after each round's training, before the reply leaves)."""
-        self.runs[run_key] = {"round": server_round, "target_epsilon": account.target_epsilon, "delta": account.delta,
-                              "max_grad_norm": account.max_grad_norm, "accountant": account.accountant,
-                              "noise_multiplier": account.noise_multiplier, "sample_rate": account.sample_rate,
-                              "planned_steps": account.planned_steps, "steps": account.steps,
+        self.runs[run_key] = {"round": server_round, **asdict(account),
                               "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text(json.dumps({"runs": self.runs}, indent=2))
-        os.replace(tmp, self.path)
+        write_json(self.path, {"runs": self.runs})
 
     def epsilon(self, run_key: str | None = None, account: PrivacyAccount | None = None,
                 extra_steps: int = 0) -> float:

@@ -26,20 +26,20 @@ from torch.utils.data import DataLoader
 
 STATE_KEY = "privacy"  # key of the account's ConfigRecord in context.state
 
-# How Opacus computes per-example gradient norms. `auto` picks by task, from scripts/bench.py's measurements
+# How Opacus computes per-example gradient norms. `auto` picks from scripts/bench.py's measurements
 # on a 2-core CPU (docs/PERFORMANCE.md): LoRA's per-example gradients are r x d per layer, so materializing
 # them (hooks) costs less than ghost clipping's second backward pass through the whole frozen model.
 GRAD_SAMPLE_MODES = ("auto", "hooks", "ghost", "functorch")
-AUTO_MODE = {"classification": "hooks", "causal_lm": "hooks"}
+AUTO_MODE = "hooks"  # for both tasks
 AUTO_REASON = ("per-example LoRA gradients are small (r x d per layer): materializing them costs less than "
                "ghost clipping's second backward pass (docs/PERFORMANCE.md)")
 
 
-def grad_sample_mode(configured: str, task: str) -> tuple[str, str]:
+def grad_sample_mode(configured: str) -> tuple[str, str]:
     """(the Opacus grad_sample_mode to use, why)."""
     if configured != "auto":
         return configured, "set by privacy.grad_sample_mode"
-    return AUTO_MODE[task], AUTO_REASON
+    return AUTO_MODE, AUTO_REASON
 
 
 class PerSequenceLoss(torch.nn.Module):

@@ -106,16 +106,16 @@ def stop(proc: subprocess.Popen) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
     deadline = time.time() + 20
-    while time.time() < deadline and (proc.poll() is None or any(_alive(pid) for pid in spawned)):
+    while time.time() < deadline and (proc.poll() is None or any(running(pid) for pid in spawned)):
         time.sleep(0.2)
     for pid in [proc.pid, *spawned]:
-        if _alive(pid):
+        if running(pid):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
     proc.wait()
 
 
-def _alive(pid: int) -> bool:
+def running(pid: int) -> bool:
     """Running (not gone, not a zombie waiting to be reaped)."""
     try:
         return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"

@@ -80,7 +80,7 @@ def train_round(model: torch.nn.Module, train_set: TensorDataset, cfg: DictConfi
     loader = DataLoader(train_set, batch_size=cfg.train.batch_size, shuffle=True, generator=generator)
     engine, module, backward = None, model, mean_backward
     if account.private:
-        mode, _ = grad_sample_mode(cfg.privacy.grad_sample_mode, cfg.model.task)
+        mode, _ = grad_sample_mode(cfg.privacy.grad_sample_mode)
         module, optimizer, loader, engine, backward = account.make_private(model, optimizer, loader, mode)
     module.train()
     start, steps_before, steps = time.perf_counter(), account.steps, 0

@@ -125,7 +125,7 @@ def step_times(model_name: str, overrides: str, batch_size: int, repeats: int, s
     result["best_mode"] = min(result["ratio"], key=result["ratio"].get)
     if "non_private_all_logits" in median:
         result["answer_logits_speedup"] = median["non_private_all_logits"] / median["non_private"]
-    result["auto_mode"] = grad_sample_mode("auto", cfg.model.task)[0]
+    result["auto_mode"] = grad_sample_mode("auto")[0]
     return result
 
 
@@ -230,14 +230,9 @@ def round_seconds(metrics: dict) -> float:
 
 
 def linear_fit(xs: list[float], ys: list[float]) -> dict:
-    mx, my = statistics.fmean(xs), statistics.fmean(ys)
-    sxx = sum((x - mx) ** 2 for x in xs)
-    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sxx
-    intercept = my - slope * mx
-    ss_res = sum((y - intercept - slope * x) ** 2 for x, y in zip(xs, ys, strict=True))
-    ss_tot = sum((y - my) ** 2 for y in ys)
+    slope, intercept = statistics.linear_regression(xs, ys)
     return {"seconds_per_client": slope, "intercept_seconds": intercept,
-            "r_squared": 1 - ss_res / ss_tot if ss_tot else 1.0}
+            "r_squared": statistics.correlation(xs, ys) ** 2}
 
 
 # ------------------------------------------------------------------------------------------- the suite

@@ -14,7 +14,7 @@ import torch
 from peft import PeftModel
 
 from dplora import config, data, models
-from dplora.simulation import SimulationError, descendants, flwr_run, local_superlink
+from dplora.simulation import SimulationError, descendants, flwr_run, local_superlink, running
 from dplora.train import evaluate
 
 from .conftest import ROOT
@@ -133,5 +133,4 @@ def test_stopping_the_superlink_stops_everything_it_started(tmp_path):
         while not (spawned := descendants(int(env["DPLORA_SUPERLINK_PID"]))) and time.time() < deadline:
             time.sleep(0.2)
         assert spawned
-    assert not [pid for pid in spawned if os.path.exists(f"/proc/{pid}")
-                and open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"]
+    assert not [pid for pid in spawned if running(pid)]
