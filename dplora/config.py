@@ -39,8 +39,14 @@ def _package_model(package: str) -> str:
     return str(module.get_model_path())
 
 
-if not OmegaConf.has_resolver("package_model"):
-    OmegaConf.register_new_resolver("package_model", _package_model)
+def _data_folder(data_dir: str | None, name: str) -> str | None:
+    """`${data_folder:${data_dir},fpb}`: <data_dir>/fpb, or None (dataset.path unset) when data_dir is null."""
+    return str(Path(data_dir).expanduser() / name) if data_dir else None
+
+
+for _name, _resolver in (("package_model", _package_model), ("data_folder", _data_folder)):
+    if not OmegaConf.has_resolver(_name):
+        OmegaConf.register_new_resolver(_name, _resolver)
 
 
 def compose(overrides: str | list[str] = "") -> DictConfig:
@@ -150,7 +156,8 @@ def validate(cfg: DictConfig) -> None:
     if source == "local":
         if not OmegaConf.select(cfg, "dataset.path", throw_on_missing=False):
             raise ConfigError(f"dataset.path is required for dataset={cfg.dataset.name} "
-                              f"(a folder with train.<format> and test.<format>)")
+                              f"(a folder with train.<format> and test.<format>; or set data_dir, "
+                              f"a folder with one such folder per dataset)")
         _choice(cfg, "dataset.format", FORMATS)
     if source == "hub":
         if not isinstance(OmegaConf.select(cfg, "dataset.hub_id"), str):

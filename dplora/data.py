@@ -19,8 +19,8 @@ from omegaconf import DictConfig
 from torch.utils.data import TensorDataset
 
 FORMATS = ("jsonl", "csv", "parquet")  # local files; the format is also the file extension
-IGNORE_INDEX = -100
-SUBSAMPLE_SEED = 0  # dataset.max_train draws the same subsample whatever the run's seed  # label value for tokens that carry no loss (prompt and padding) in causal-LM tuning
+IGNORE_INDEX = -100  # label value for tokens that carry no loss (prompt and padding) in causal-LM tuning
+SUBSAMPLE_SEED = 0  # dataset.max_train draws the same subsample whatever the run's seed
 
 
 class DataError(ValueError):

@@ -2,10 +2,11 @@
 
     python scripts/report.py multirun/<date>/<time> --out DIR
 
-Reads every `*/metrics.json` below the sweep folder and writes DIR/results.csv and DIR/results.md (final
+Reads every `*/metrics.json` below the folder (a sweep, or a folder holding several sweeps) and writes DIR/results.csv and DIR/results.md (final
 accuracy and macro-F1, mean +- std over seeds, per dataset x partitioner x target epsilon, with the epsilon
 actually spent and the wall-clock per job) and DIR/privacy_utility.png (accuracy vs epsilon, one line per
 dataset and partitioner, the non-private level as a dashed line). Jobs that failed are listed, not hidden.
+Jobs of one table row may differ only in seed (and data paths); other differences are an error.
 """
 
 from __future__ import annotations
@@ -35,16 +36,41 @@ def collect(sweep_dir: Path) -> tuple[list[dict], list[str]]:
         jobs.append({"dataset": cfg["dataset"]["name"], "partitioner": cfg["partitioner"]["name"],
                      "target_epsilon": cfg["privacy"]["target_epsilon"], "seed": cfg["seed"],
                      "accuracy": final["accuracy"], "macro_f1": final["macro_f1"], "epsilon": final["epsilon"],
-                     "seconds": final["seconds"]})
+                     "seconds": final["seconds"], "settings": _settings(cfg), "folder": str(path.parent)})
     failed += [str(p.parent) for p in sorted(sweep_dir.rglob("FAILED"))
                if not (p.parent / "metrics.json").exists()]
     return jobs, failed
 
 
+# Keys that may differ between the seeds of one table row (everything else must match).
+PER_JOB_KEYS = {"seed", "data_dir", "dataset.path", "resume"}
+
+
+def _settings(cfg: dict, prefix: str = "") -> dict:
+    """The job's config as flat dotted keys, without the ones that may differ between seeds."""
+    flat = {}
+    for key, value in cfg.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_settings(value, f"{name}."))
+        elif name not in PER_JOB_KEYS:
+            flat[name] = value
+    return flat
+
+
 def summarize(jobs: list[dict]) -> list[dict]:
+    """One row per dataset x partitioner x target epsilon; raises ValueError if a row would mix settings."""
     groups = defaultdict(list)
     for job in jobs:
         groups[(job["dataset"], job["partitioner"], job["target_epsilon"])].append(job)
+    for key, runs in groups.items():
+        first = runs[0]
+        for other in runs[1:]:
+            keys = sorted(k for k in first["settings"].keys() | other["settings"].keys()
+                          if first["settings"].get(k) != other["settings"].get(k))
+            if keys:
+                raise ValueError(f"{first['folder']} and {other['folder']} would share a row of the table but "
+                                 f"differ in {', '.join(keys)}: report them separately")
 
     def order(key):  # datasets, partitioners, then epsilon ascending with non-private last
         return key[0], key[1], float("inf") if key[2] is None else key[2]
@@ -134,7 +160,11 @@ def main(argv: list[str] | None = None) -> int:
     if not jobs:
         print(f"no finished job (metrics.json) below {args.sweep_dir}", file=sys.stderr)
         return 1
-    rows = summarize(jobs)
+    try:
+        rows = summarize(jobs)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     args.out.mkdir(parents=True, exist_ok=True)
     write_csv(rows, args.out / "results.csv")
     write_markdown(rows, failed, args.out / "results.md")

@@ -1,6 +1,6 @@
 """Hydra multirun over full Flower simulations: one `flwr run` per job, results in the job's directory.
 
-    python scripts/sweep.py -m dataset=fpb,pubmedqa dataset.path=... privacy.target_epsilon=1,4,8,null seed=0,1,2
+    python scripts/sweep.py -m data_dir=/abs/shared/data dataset=fpb,pubmedqa privacy.target_epsilon=1,4,8,null seed=0,1,2
 
 Every job composes conf/ with its overrides (as the apps do), runs `flwr run .` with
 `sweep.num_supernodes` simulated owners on a SuperLink this script starts and stops, and leaves metrics.json,
@@ -37,6 +37,7 @@ def job(cfg: DictConfig) -> float | None:
     name = f"job {hc.job.num} ({overrides or 'defaults'})"
     out = Path(hc.runtime.output_dir)
     print(f"[sweep] {name}: starting, results in {out}", flush=True)
+    (out / "FAILED").unlink(missing_ok=True)  # a rerun into the same folder: an old failure no longer applies
     start = time.time()
 
     def progress(line: str) -> None:  # the ServerApp's one-line round summaries

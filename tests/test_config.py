@@ -62,3 +62,12 @@ def test_bad_config_names_the_key(overrides, key):
 def test_bad_override_syntax_is_a_config_error():
     with pytest.raises(ConfigError, match="bad config overrides"):
         config.compose("num_rounds=[1,")
+
+
+def test_data_dir_sets_every_local_dataset_path(tmp_path):
+    for name in ("fpb", "sst2", "pubmedqa"):
+        assert config.compose(f"dataset={name} data_dir={tmp_path}").dataset.path == str(tmp_path / name)
+    # an explicit dataset.path wins over data_dir
+    assert config.compose(f"dataset=fpb data_dir={tmp_path} dataset.path=/x").dataset.path == "/x"
+    with pytest.raises(ConfigError, match="data_dir"):
+        config.compose("dataset=fpb")

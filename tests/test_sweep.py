@@ -2,6 +2,7 @@
 
 import csv
 import json
+import os
 import subprocess
 import sys
 
@@ -37,3 +38,9 @@ def test_sweep_runs_each_job_reports_failures_and_feeds_the_report(tmp_path):
     markdown = (report / "results.md").read_text()
     assert "| synthetic | iid | 4 | 1 |" in markdown and "Failed or unfinished jobs (1)" in markdown
     assert (report / "privacy_utility.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_results_script_refuses_a_missing_data_folder(tmp_path):
+    proc = subprocess.run(["bash", "scripts/results.sh", str(tmp_path / "out")], cwd=ROOT, capture_output=True,
+                          text=True, env={**os.environ, "DPLORA_SHARED_DATA": str(tmp_path / "nowhere")})
+    assert proc.returncode == 2 and f"{tmp_path / 'nowhere'}/fpb/train.jsonl not found" in proc.stderr

@@ -1,0 +1,59 @@
+"""scripts/report.py on hand-made sweep folders: grouping over seeds, mixed settings refused, failures listed."""
+
+import csv
+import json
+import subprocess
+import sys
+
+import pytest
+
+from .conftest import ROOT
+
+
+def job(folder, *, seed, accuracy, epsilon=8.0, lr=0.01, dataset="fpb", rounds=3, failed=False):
+    folder.mkdir(parents=True)
+    config = {"seed": seed, "num_rounds": 3, "data_dir": f"/data{seed}",
+              "dataset": {"name": dataset, "path": f"/data{seed}/{dataset}"}, "partitioner": {"name": "iid"},
+              "privacy": {"target_epsilon": epsilon}, "train": {"learning_rate": lr}}
+    final = {"accuracy": accuracy, "macro_f1": accuracy - 0.1, "epsilon": epsilon and epsilon - 0.01,
+             "seconds": 100.0 + seed}
+    metrics = {"config": config, "rounds": [final] * rounds}
+    (folder / "metrics.json").write_text(json.dumps(metrics))
+    if failed:
+        (folder / "FAILED").write_text("boom")
+
+
+def report(sweep, out):
+    return subprocess.run([sys.executable, "scripts/report.py", str(sweep), "--out", str(out)], cwd=ROOT,
+                          capture_output=True, text=True)
+
+
+def test_seeds_of_several_sweeps_share_a_row_with_mean_and_std(tmp_path):
+    job(tmp_path / "a" / "0", seed=0, accuracy=0.70)
+    job(tmp_path / "b" / "0", seed=1, accuracy=0.80)   # another sweep folder below the same parent
+    job(tmp_path / "b" / "1", seed=0, accuracy=0.90, epsilon=None)
+    job(tmp_path / "b" / "2", seed=2, accuracy=0.99, rounds=2)  # unfinished
+    job(tmp_path / "b" / "3", seed=3, accuracy=0.99, failed=True)
+    done = report(tmp_path, tmp_path / "out")
+    assert done.returncode == 0, done.stderr
+    rows = list(csv.DictReader((tmp_path / "out" / "results.csv").open()))
+    assert [(r["target_epsilon"], r["seeds"]) for r in rows] == [("8.0", "2"), ("non-private", "1")]
+    assert float(rows[0]["accuracy_mean"]) == pytest.approx(0.75)
+    assert float(rows[0]["accuracy_std"]) == pytest.approx(0.0707, abs=1e-4)  # sample std of 0.70, 0.80
+    assert float(rows[0]["seconds_mean"]) == pytest.approx(100.5)
+    markdown = (tmp_path / "out" / "results.md").read_text()
+    assert "| fpb | iid | 8 | 2 | 75.00 ± 7.07 |" in markdown
+    assert "Failed or unfinished jobs (2)" in markdown and "b/2" in markdown and "b/3" in markdown
+
+
+def test_a_row_mixing_training_settings_is_refused(tmp_path):
+    job(tmp_path / "0", seed=0, accuracy=0.70)
+    job(tmp_path / "1", seed=1, accuracy=0.80, lr=0.001)
+    done = report(tmp_path, tmp_path / "out")
+    assert done.returncode == 1 and "train.learning_rate" in done.stderr
+
+
+def test_nothing_to_report(tmp_path):
+    done = report(tmp_path, tmp_path / "out")
+    assert done.returncode == 1 and "no finished job" in done.stderr
+    assert report(tmp_path / "missing", tmp_path / "out").returncode != 0
