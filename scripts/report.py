@@ -119,10 +119,11 @@ def write_markdown(rows: list[dict], failed: list[str], path: Path) -> None:
 
 def plot(rows: list[dict], path: Path) -> None:
     import matplotlib
+    import matplotlib.ticker
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    fig, ax = plt.subplots(figsize=(9, 4.5))
     series = defaultdict(list)
     for r in rows:
         series[(r["dataset"], r["partitioner"])].append(r)
@@ -138,11 +139,15 @@ def plot(rows: list[dict], path: Path) -> None:
                 ax.axhline(100 * p["accuracy_mean"], color=color, linestyle="--", linewidth=1,
                            label=f"{dataset} ({partitioner}), non-private")
     ax.set_xscale("log")
+    epsilons = sorted({r["target_epsilon"] for r in rows if r["target_epsilon"] is not None})
+    if epsilons:  # label the epsilons that were run, as plain numbers
+        ax.set_xticks(epsilons, [f"{e:g}" for e in epsilons])
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
     ax.set_xlabel("target epsilon per data owner (delta fixed)")
     ax.set_ylabel("final test accuracy (%)")
-    ax.set_title("Privacy-utility trade-off")
+    ax.set_title("Privacy-utility trade-off (dashed: non-private)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
