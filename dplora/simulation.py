@@ -80,11 +80,8 @@ def descendants(root: int, name: str = "") -> list[int]:
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
-        try:
-            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (ValueError, OSError, IndexError):
-            continue  # not a process, or it just ended
-        children.setdefault(ppid, []).append(int(entry.name))
+        if stat := _stat(int(entry.name)):  # empty: it just ended
+            children.setdefault(int(stat[1]), []).append(int(entry.name))
     found, stack = [], [root]
     while stack:
         for pid in children.get(stack.pop(), []):
@@ -117,10 +114,16 @@ def stop(proc: subprocess.Popen) -> None:
 
 def running(pid: int) -> bool:
     """Running (not gone, not a zombie waiting to be reaped)."""
+    stat = _stat(pid)
+    return bool(stat) and stat[0] != "Z"
+
+
+def _stat(pid: int) -> list[str]:
+    """/proc/<pid>/stat after the command name (state, ppid, ...); empty if the process is gone."""
     try:
-        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()
     except (OSError, IndexError):
-        return False
+        return []
 
 
 def flwr_run(overrides: str, output_dir: Path, num_supernodes: int, env: dict[str, str],

@@ -26,7 +26,7 @@ def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _trim(batch: list[torch.Tensor], dev: torch.device) -> list[torch.Tensor]:
+def trim_padding(batch: list[torch.Tensor], dev: torch.device) -> list[torch.Tensor]:
     """Move to device and cut the padding columns that no example in the batch uses (classification pads
     on the right, causal LM on the left)."""
     ids, mask, labels = (t.to(dev) for t in batch)
@@ -91,7 +91,7 @@ def train_round(model: torch.nn.Module, train_set: TensorDataset, cfg: DictConfi
                 if batch[0].shape[0] == 0:  # an empty Poisson batch still counts as a DP step
                     empty_batch_step(optimizer)
                 else:
-                    backward(sequence_losses(module, _trim(batch, dev), cfg.model.task))
+                    backward(sequence_losses(module, trim_padding(batch, dev), cfg.model.task))
                     optimizer.step()
                 steps += 1
     finally:
@@ -121,7 +121,7 @@ def evaluate(model: torch.nn.Module, eval_sets: list[TensorDataset], labels: tor
     for eval_set in eval_sets:
         out = []
         for batch in DataLoader(eval_set, batch_size=cfg.eval.batch_size):
-            batch = _trim(batch, dev)
+            batch = trim_padding(batch, dev)
             if task == "classification":
                 out.append(model(input_ids=batch[0], attention_mask=batch[1]).logits.float().cpu())
             else:

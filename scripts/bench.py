@@ -42,7 +42,7 @@ from dplora.privacy import (
     grad_sample_mode,
     mean_backward,
 )
-from dplora.train import _trim, device, evaluate, make_optimizer, sequence_losses
+from dplora.train import trim_padding, device, evaluate, make_optimizer, sequence_losses
 
 SHARED_DATA = Path(os.environ.get("DPLORA_SHARED_DATA", ROOT.parent / "shared" / "data"))
 MODES = [m for m in GRAD_SAMPLE_MODES if m != "auto"]
@@ -67,7 +67,7 @@ def fpb_overrides() -> str:
 def fixed_batch(cfg, tokenizer, size: int) -> list[torch.Tensor]:
     """The first `size` training examples, tokenized, padding columns no example uses cut off (as in training)."""
     train_split = data.load_split(cfg.dataset, "train").select(range(size))
-    return _trim(list(data.encode(train_split, tokenizer, cfg).tensors), device())
+    return trim_padding(list(data.encode(train_split, tokenizer, cfg).tensors), device())
 
 
 class Stepper:

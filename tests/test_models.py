@@ -46,15 +46,15 @@ def test_base_model_and_initial_adapter_are_reproducible(tiny_cfg):
 
 
 def test_causal_lm_losses_from_answer_logits_match_full_logits_and_ignore_padding(tiny_cfg):
-    from dplora.train import _trim, sequence_losses
+    from dplora.train import trim_padding, sequence_losses
     model, tok = models.build_model(tiny_cfg)
     model.eval()
     encoded = data.encode(data.load_split(tiny_cfg.dataset, "train").select(range(6)), tok, tiny_cfg)
-    batch = _trim(list(encoded.tensors), torch.device("cpu"))
+    batch = trim_padding(list(encoded.tensors), torch.device("cpu"))
     with torch.no_grad():
         fast = sequence_losses(model, batch, "causal_lm")
         full = sequence_losses(model, batch, "causal_lm", answer_logits_only=False)
-        alone = [sequence_losses(model, _trim([t[i:i + 1] for t in encoded.tensors], torch.device("cpu")),
+        alone = [sequence_losses(model, trim_padding([t[i:i + 1] for t in encoded.tensors], torch.device("cpu")),
                                  "causal_lm") for i in range(6)]
     assert torch.isfinite(fast).all() and fast.shape == (6,)
     torch.testing.assert_close(fast, full)
