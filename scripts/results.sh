@@ -4,10 +4,10 @@
 #   bash scripts/results.sh [--full] [OUT_DIR]     (default OUT_DIR: results/; data: ../shared/data or
 #                                                   $DPLORA_SHARED_DATA)
 #
-# Without --full: the subset docs/RESULTS.md reports (22 jobs, 89 minutes on a 2-core CPU): every epsilon
-# on IID shares for FPB, PubMedQA and SST-2; three seeds for the FPB target (epsilon 8 vs non-private); the
-# Dirichlet(0.5) shares at epsilon 8 and non-private. With --full: then the rest of the grid, to 3 datasets x
-# 4 epsilons x 2 partitioners x 3 seeds (50 more jobs, about 3 more hours on the same CPU).
+# With --full: the whole grid docs/RESULTS.md reports, 3 datasets x 4 epsilons x 2 partitioners x 3 seeds
+# (72 jobs, 254 minutes on a 2-core CPU). Without: a first look in 22 of them (89 minutes): every epsilon on
+# IID shares for FPB, PubMedQA and SST-2; three seeds for the FPB target (epsilon 8 vs non-private); the
+# Dirichlet(0.5) shares at epsilon 8 and non-private. --full later adds the other 50 in the same OUT_DIR.
 #
 # Every job is a full `flwr run` simulation (scripts/sweep.py) with 5 data owners. Each stage is one Hydra
 # multirun in OUT_DIR/<stage>/; a finished stage is marked (OUT_DIR/<stage>/stage.done) and skipped when the
