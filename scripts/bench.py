@@ -42,7 +42,7 @@ from dplora.privacy import (
     grad_sample_mode,
     mean_backward,
 )
-from dplora.train import trim_padding, device, evaluate, make_optimizer, sequence_losses
+from dplora.train import device, evaluate, make_optimizer, sequence_losses, trim_padding
 
 SHARED_DATA = Path(os.environ.get("DPLORA_SHARED_DATA", ROOT.parent / "shared" / "data"))
 MODES = [m for m in GRAD_SAMPLE_MODES if m != "auto"]

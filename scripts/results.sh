@@ -49,7 +49,7 @@ stage() {  # stage NAME OVERRIDES...: one multirun into $out/NAME, skipped if it
   fi
 }
 
-# The subset docs/RESULTS.md reports ...
+# A first look (22 jobs) ...
 stage fpb-target dataset=fpb partitioner=iid privacy.target_epsilon=8,null seed=0,1,2
 stage fpb-iid dataset=fpb partitioner=iid privacy.target_epsilon=1,4 seed=0
 stage pubmedqa-iid dataset=pubmedqa partitioner=iid privacy.target_epsilon=1,4,8,null seed=0

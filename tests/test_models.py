@@ -46,7 +46,7 @@ def test_base_model_and_initial_adapter_are_reproducible(tiny_cfg):
 
 
 def test_causal_lm_losses_from_answer_logits_match_full_logits_and_ignore_padding(tiny_cfg):
-    from dplora.train import trim_padding, sequence_losses
+    from dplora.train import sequence_losses, trim_padding
     model, tok = models.build_model(tiny_cfg)
     model.eval()
     encoded = data.encode(data.load_split(tiny_cfg.dataset, "train").select(range(6)), tok, tiny_cfg)
