@@ -1,15 +1,24 @@
 """What one data owner does in one round: load the global adapter, train under its privacy account, reply.
 
-A reply carries the adapter tensors (fp32) and a MetricRecord with `num-examples` (the local data size) and
-the privacy record: `epsilon` so far (inf without DP), `noise_multiplier`, `sample_rate`, `steps` (cumulative
-DP steps this run) and `delta`. Nothing else about the private data leaves the client: no training loss, no
-local accuracy. A client whose budget would be exceeded replies without arrays and with a `status` record.
+A reply carries the adapter tensors (fp32) and a MetricRecord with the privacy record: `epsilon` so far (inf
+without DP), `noise_multiplier`, `sample_rate`, `steps` (cumulative DP steps this run) and `delta`. All of
+these are functions of the public configuration (and of the size an owner publishes, where it publishes
+one), never of its exact record count. Nothing else about the private data leaves the client: no record
+count, no training loss, no local accuracy. A client whose budget would be exceeded, or whose owner's
+settings forbid the run, replies without arrays and with a `status` record saying why.
 
-The owner's node config decides where its data and its ledger are:
+The owner's node config decides where its data and its ledger are, and what it accepts:
   data-path='/secure/owner_a.jsonl'      this owner's own file (JSON Lines, CSV or Parquet, by extension), or
   partition-id=I num-partitions=N        simulation: share I of the configured dataset's training split;
-  privacy-ledger='/secure/ledger.json'   optional: the spend across runs and restarts (see dplora/ledger.py),
-  privacy-budget=10 [privacy-budget-delta=1e-5]   optional: the owner's total budget, enforced by the ledger.
+  privacy-ledger='/secure/ledger.json'   the spend across runs and restarts (see dplora/ledger.py),
+  privacy-budget=10 [privacy-budget-delta=1e-5]   the owner's total budget, enforced by the ledger: required
+                                         for an owner serving its own file (data-path), which refuses every
+                                         run without it;
+  allow-non-private=true                 an owner with a data-path also refuses non-private runs unless set;
+  public-num-examples=800                optional, published: the size the sample rate is derived from
+                                         (q = train.batch_size / public-num-examples) when the run does not
+                                         set train.sample_rate. Simulated owners use the split's size over the
+                                         number of owners.
 """
 
 from __future__ import annotations
@@ -30,7 +39,8 @@ from .privacy import (
     BudgetExhausted,
     PrivacyAccount,
     grad_sample_mode,
-    steps_per_epoch,
+    sample_rate,
+    steps_per_round,
 )
 from .train import device, train_round
 
@@ -66,7 +76,9 @@ def local_model(cfg: DictConfig):
 
 
 def local_data(cfg: DictConfig, node_config: dict, tokenizer):
-    """(raw split, tokenized TensorDataset, description) of this owner's training data, built once per process."""
+    """(raw split, tokenized TensorDataset, description, public size or None) of this owner's training data,
+    built once per process. The public size is what the owner publishes (node config public-num-examples),
+    or in simulation the training split's size over the number of owners; never the exact local count."""
     path = Path(str(node_config["data-path"])).expanduser() if "data-path" in node_config else None
 
     def build():
@@ -75,6 +87,7 @@ def local_data(cfg: DictConfig, node_config: dict, tokenizer):
             if fmt not in data.FORMATS:
                 raise data.DataError(f"{path}: unknown format {fmt!r}; name the file .jsonl, .csv or .parquet")
             local, where = data.from_rows(data.read_rows(path, cfg.dataset, fmt)), str(path)
+            public = node_config.get("public-num-examples")
         else:
             missing = {"partition-id", "num-partitions"} - set(node_config)
             if missing:
@@ -83,8 +96,8 @@ def local_data(cfg: DictConfig, node_config: dict, tokenizer):
                     f"num-partitions (simulation), got {dict(node_config)}; e.g. --node-config "
                     "\"data-path='/secure/owner_a.jsonl'\"")
             pid, n = int(node_config["partition-id"]), int(node_config["num-partitions"])
-            local, where = data.client_partition(cfg, pid, n), f"partition {pid} of {n} ({cfg.partitioner.name})"
-        return local, data.encode(local, tokenizer, cfg), where
+            (local, public), where = data.client_partition(cfg, pid, n), f"partition {pid} of {n} ({cfg.partitioner.name})"
+        return local, data.encode(local, tokenizer, cfg), where, None if public is None else int(public)
     version = path.stat().st_mtime_ns if path is not None and path.is_file() else ""  # a changed file is reread
     key = json.dumps([config.to_dict(cfg), {k: str(v) for k, v in node_config.items()}, version], sort_keys=True)
     return _cached("data", key, build, keep=64)
@@ -106,28 +119,59 @@ def owner_name(node_config: dict) -> str:
             else f"owner {Path(str(node_config.get('data-path', '?'))).name}")
 
 
-def load_account(state: RecordDict, cfg: DictConfig, num_examples: int, ledger: PrivacyLedger | None,
+def public_sample_rate(cfg: DictConfig, public_size: int | None) -> float:
+    """q: `train.sample_rate` if the run sets it, else train.batch_size / the owner's public size."""
+    if cfg.train.sample_rate is not None:
+        return float(cfg.train.sample_rate)
+    if public_size is None:
+        raise config.ConfigError(
+            "the sample rate must come from public numbers: set train.sample_rate in the run's overrides, or "
+            "publish this owner's size in its node config (public-num-examples=N, a number the owner accepts "
+            "to disclose; q = train.batch_size / N)")
+    return sample_rate(cfg.train.batch_size, public_size)
+
+
+def load_account(state: RecordDict, cfg: DictConfig, public_size: int | None, ledger: PrivacyLedger | None,
                  run_key: str) -> PrivacyAccount:
     """This owner's account: from `context.state` during a run; from its ledger after a restart (resume);
-    else a new one, calibrated for the whole planned run."""
+    else a new one, calibrated for the whole planned run from public numbers only."""
     if STATE_KEY in state.config_records:
         return PrivacyAccount.from_record(state.config_records[STATE_KEY])
     if ledger is not None and (account := ledger.account(run_key)) is not None:
         log.info("run %s: continuing the privacy account from the ledger %s: %d steps taken, epsilon %s",
                  run_key, ledger.path, account.steps, account.epsilon())
         return account
-    account = PrivacyAccount.plan(cfg.privacy, num_examples, cfg.train.batch_size,
-                                  planned_epochs=cfg.num_rounds * cfg.train.local_epochs)
+    q = public_sample_rate(cfg, public_size)
+    account = PrivacyAccount.plan(cfg.privacy, q, cfg.num_rounds * steps_per_round(q, cfg.train.local_epochs))
     if account.private:
         mode, why = grad_sample_mode(cfg.privacy.grad_sample_mode)
-        log.info("privacy plan: %d examples, q=%.5f, %d planned steps, noise multiplier %.4f for epsilon=%s "
-                 "delta=%g; per-example gradients by Opacus %s mode (%s)", num_examples, account.sample_rate,
-                 account.planned_steps, account.noise_multiplier, account.target_epsilon, account.delta, mode, why)
+        log.info("privacy plan: q=%.5f, %d planned steps, noise multiplier %.4f for epsilon=%s delta=%g; "
+                 "per-example gradients by Opacus %s mode (%s)", account.sample_rate, account.planned_steps,
+                 account.noise_multiplier, account.target_epsilon, account.delta, mode, why)
     return account
 
 
+def allows_non_private(node_config: dict) -> bool:
+    return str(node_config.get("allow-non-private", "false")).lower() == "true"
+
+
+def owner_limits(cfg: DictConfig, node_config: dict) -> None:
+    """An owner serving its own file trains only within the limits it set in its node config: a total
+    budget (privacy-budget) always, and non-private runs only with allow-non-private=true. Simulated owners
+    (partition-id, no data-path) follow the run's configuration."""
+    if "data-path" not in node_config:
+        return
+    if "privacy-budget" not in node_config:
+        raise BudgetExhausted(
+            "refusing to train: this owner's node config sets no privacy-budget; set privacy-budget=EPSILON "
+            "(with privacy-ledger=FILE) to say how much privacy it may spend over all runs")
+    if cfg.privacy.target_epsilon is None and not allows_non_private(node_config):
+        raise BudgetExhausted("refusing non-private training: this owner's node config does not set "
+                              "allow-non-private=true")
+
+
 def refusal(account: PrivacyAccount, reason: str) -> RecordDict:
-    return RecordDict({METRICS: MetricRecord({"num-examples": 0, **account.metrics()}),
+    return RecordDict({METRICS: MetricRecord(account.metrics()),
                        STATUS: ConfigRecord({"refused": reason})})
 
 
@@ -137,29 +181,38 @@ def train(cfg: DictConfig, arrays: ArrayRecord, state: RecordDict, *, node_confi
     ledger = PrivacyLedger.from_node_config(node_config)
     model, tokenizer = local_model(cfg)
     models.from_arrays(model, arrays)  # every trainable tensor: nothing of an earlier round remains
-    local, train_set, where = local_data(cfg, node_config, tokenizer)
+    local, train_set, where, public_size = local_data(cfg, node_config, tokenizer)
     owner = owner_name(node_config)
-    if STATE_KEY not in state.config_records:  # first round here: describe the local data in the owner's log
+    first = STATE_KEY not in state.config_records
+    account = load_account(state, cfg, public_size, ledger, run_key)
+    next_steps = steps_per_round(account.sample_rate, cfg.train.local_epochs)
+    if first:  # describe the local data in the owner's own log (it never leaves the owner)
         log.info("%s, %s: %s", owner, where, data.label_mix(local, list(cfg.dataset.label_names)))
-    account = load_account(state, cfg, len(train_set), ledger, run_key)
-    next_steps = cfg.train.local_epochs * steps_per_epoch(len(train_set), cfg.train.batch_size)
+        expected = account.sample_rate * len(train_set)
+        if not 0.5 <= expected / cfg.train.batch_size <= 2:
+            log.warning("%s: batches will hold %.0f examples on average (q=%.4f x %d local examples) while the "
+                        "noisy gradient sum is divided by train.batch_size=%d: set train.sample_rate or "
+                        "public-num-examples closer to this owner's size", owner, expected, account.sample_rate,
+                        len(train_set), cfg.train.batch_size)
     try:
+        owner_limits(cfg, node_config)
         if ledger is not None and ledger.trained_round(run_key) >= server_round:
             raise BudgetExhausted(f"refusing to train round {server_round} of run {run_key} again: this owner "
                                   "trained it before a restart, and will not spend budget on it twice")
         account.check_budget(next_steps)
         if ledger is not None:
-            ledger.check(run_key, account, next_steps)
+            ledger.check(run_key, account, next_steps, allow_non_private=allows_non_private(node_config))
     except BudgetExhausted as refused:
         log.warning("%s, round %d: %s", owner, server_round, refused)
         state.config_records[STATE_KEY] = account.to_record()
         return refusal(account, str(refused))
     seed = zlib.crc32(f"{cfg.seed}/{server_round}/{owner}".encode())  # dropout; DP noise uses OS entropy
-    result = train_round(model, train_set, cfg, account, seed=seed)
+    result = train_round(model, train_set, cfg, account, seed=seed, steps=next_steps)
     state.config_records[STATE_KEY] = account.to_record()  # survives until this owner's next round
     if ledger is not None:
         ledger.record(run_key, account, server_round)  # on the owner's disk before the reply leaves
+    eps = account.epsilon()
     log.info("%s, round %d: %d steps in %.1fs, epsilon %s", owner, server_round, result["steps"],
-             result["seconds"], account.epsilon())
+             result["seconds"], "n/a (no DP)" if eps is None else f"{eps:.3f}")
     return RecordDict({ARRAYS: models.to_arrays(model),
-                       METRICS: MetricRecord({"num-examples": len(train_set), **account.metrics()})})
+                       METRICS: MetricRecord(account.metrics())})

@@ -233,10 +233,12 @@ def synthetic_reviews(num_train: int, num_test: int, noise: float = 0.08) -> tup
 
 # ------------------------------------------------------------------------------------ what each app needs
 
-def client_partition(cfg: DictConfig, partition_id: int, num_partitions: int) -> datasets.Dataset:
-    """This data owner's training partition (simulation: a share of the dataset's training split)."""
+def client_partition(cfg: DictConfig, partition_id: int, num_partitions: int) -> tuple[datasets.Dataset, int]:
+    """This data owner's training partition (simulation: a share of the dataset's training split) and the
+    public number of records per owner: the split's size over the number of owners, the same for every owner
+    (a property of the public configuration, not of any partition)."""
     train = load_split(cfg.dataset, "train")
-    return partition(train, num_partitions, partition_id, cfg.seed, cfg.partitioner)
+    return partition(train, num_partitions, partition_id, cfg.seed, cfg.partitioner), len(train) // num_partitions
 
 
 def label_mix(dataset: datasets.Dataset, label_names: list[str]) -> str:

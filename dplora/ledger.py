@@ -115,9 +115,14 @@ class PrivacyLedger:
             warnings.simplefilter("ignore", UserWarning)
             return float(accountant.get_epsilon(delta=self.budget_delta))
 
-    def check(self, run_key: str, account: PrivacyAccount, next_steps: int) -> None:
-        """Raise BudgetExhausted if `next_steps` more steps of this run would exceed the owner's budget."""
+    def check(self, run_key: str, account: PrivacyAccount, next_steps: int, allow_non_private: bool = False) -> None:
+        """Raise BudgetExhausted if `next_steps` more steps of this run would exceed the owner's budget.
+
+        `allow_non_private` (node config allow-non-private=true): a non-private run is allowed; it has no
+        bound, so the ledger's total becomes infinite and every later DP run on this data is refused."""
         if self.budget is None:
+            return
+        if not account.private and allow_non_private:
             return
         if not account.private:
             raise BudgetExhausted(f"refusing non-private training: the owner's ledger {self.path} holds a "

@@ -1,8 +1,11 @@
 """Record-level DP-SGD for one data owner: noise calibration, the Opacus engine, and the run-long accountant.
 
 A data owner's guarantee covers the whole run. The noise multiplier is calibrated once, for every step the
-run may take (num_rounds x local_epochs x steps per epoch at this owner's sample rate), and one accountant
-composes all steps actually taken. Its state, `PrivacyAccount`, lives in the ClientApp's `context.state`
+run may take (num_rounds x steps per round), and one accountant composes all steps actually taken. The
+sample rate, the steps per round, the expected batch size that normalizes the noisy gradient sum, and so
+the noise multiplier, are functions of the public configuration only (and, where configured so, of the size
+an owner publishes): nothing the owner releases depends on its exact record count except through the DP
+mechanism itself. Its state, `PrivacyAccount`, lives in the ClientApp's `context.state`
 between rounds (ClientApps are rebuilt each round): epsilons of rounds are never added up.
 
 `(noise_multiplier, sample_rate, steps, delta)` re-derive every epsilon we report, with any accountant for
@@ -19,10 +22,14 @@ from dataclasses import asdict, dataclass
 import torch
 from flwr.app import ConfigRecord
 from omegaconf import DictConfig
-from opacus import PrivacyEngine
 from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
-from torch.utils.data import DataLoader
+from opacus.data_loader import DPDataLoader
+from opacus.grad_sample.utils import prepare_module
+from opacus.optimizers import DPOptimizerFastGradientClipping, get_optimizer_class
+from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
+from opacus.validators import ModuleValidator
+from torch.utils.data import Dataset
 
 STATE_KEY = "privacy"  # key of the account's ConfigRecord in context.state
 
@@ -52,18 +59,21 @@ class PerSequenceLoss(torch.nn.Module):
 
 
 class BudgetExhausted(RuntimeError):
-    """Training one more round would take this data owner past its privacy budget."""
+    """This data owner declines the round: it would exceed a privacy budget, or the owner's own settings
+    forbid the run (no budget set, non-private not allowed)."""
 
 
-def sample_rate(num_examples: int, batch_size: int) -> float:
-    """Poisson sampling rate q. Opacus samples with q = 1 / (batches per epoch), so we use the same q."""
-    return 1.0 / steps_per_epoch(num_examples, batch_size)
+def sample_rate(batch_size: int, public_size: int) -> float:
+    """Poisson sampling rate q = batch_size / public_size (at most 1), from public numbers only."""
+    if public_size < 1:
+        raise ValueError(f"the public number of records per owner must be >= 1 (got {public_size})")
+    return min(1.0, batch_size / public_size)
 
 
-def steps_per_epoch(num_examples: int, batch_size: int) -> int:
-    if num_examples < 1:
-        raise ValueError("a data owner needs at least one training example")
-    return math.ceil(num_examples / batch_size)
+def steps_per_round(sample_rate: float, local_epochs: int) -> int:
+    """DP steps per round: enough Poisson batches to visit the local data `local_epochs` times in
+    expectation. Public: a function of the configuration only, never of an owner's record count."""
+    return math.ceil(local_epochs / sample_rate - 1e-9)
 
 
 def epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: float, accountant: str) -> float:
@@ -95,20 +105,21 @@ class PrivacyAccount:
         return self.target_epsilon is not None
 
     @classmethod
-    def plan(cls, privacy_cfg: DictConfig, num_examples: int, batch_size: int, planned_epochs: int):
-        """Calibrate the noise once so that all `planned_epochs` epochs stay within the target epsilon."""
-        q = sample_rate(num_examples, batch_size)
-        steps = planned_epochs * steps_per_epoch(num_examples, batch_size)
+    def plan(cls, privacy_cfg: DictConfig, sample_rate: float, planned_steps: int):
+        """Calibrate the noise once so that all `planned_steps` steps stay within the target epsilon.
+
+        Every input is public (configuration): the noise multiplier does not depend on the owner's data."""
         sigma = 0.0
         if privacy_cfg.target_epsilon is not None:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)
                 sigma = get_noise_multiplier(target_epsilon=privacy_cfg.target_epsilon, target_delta=privacy_cfg.delta,
-                                             sample_rate=q, steps=steps, accountant=privacy_cfg.accountant,
+                                             sample_rate=sample_rate, steps=planned_steps,
+                                             accountant=privacy_cfg.accountant,
                                              epsilon_tolerance=0.005 * privacy_cfg.target_epsilon)
         return cls(target_epsilon=privacy_cfg.target_epsilon, delta=privacy_cfg.delta,
                    max_grad_norm=privacy_cfg.max_grad_norm, accountant=privacy_cfg.accountant,
-                   noise_multiplier=float(sigma), sample_rate=q, planned_steps=steps)
+                   noise_multiplier=float(sigma), sample_rate=sample_rate, planned_steps=planned_steps)
 
     def epsilon(self, steps: int | None = None) -> float | None:
         """Epsilon spent after `steps` (default: the steps taken so far); None without DP."""
@@ -127,43 +138,48 @@ class PrivacyAccount:
                 f"refusing to train: {next_steps} more DP steps would bring epsilon from "
                 f"{self.epsilon():.3f} to {after:.3f}, above the budget {self.target_epsilon} (delta={self.delta})")
 
-    # -- the Opacus engine, with this account's accountant restored --------------------------------------
+    # -- the Opacus DP-SGD mechanism, with this account's accountant restored -----------------------------
 
-    def make_private(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader,
-                     mode: str = "hooks"):
-        """Wrap model, optimizer and loader for DP-SGD (Poisson sampling, per-example clipping, Gaussian noise).
+    def make_private(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, dataset: Dataset,
+                     batch_size: int, steps: int, mode: str = "hooks"):
+        """Wrap model and optimizer for DP-SGD and draw `steps` Poisson batches from `dataset`.
 
-        `mode` is Opacus' grad_sample_mode (hooks | ghost | functorch). Returns (model, optimizer, loader,
-        engine, backward) where `backward(per_sequence_losses)` back-propagates a batch's loss the way the mode
-        needs (ghost clipping: two passes). The engine's accountant starts from this account's history.
+        Built from Opacus' own pieces as `PrivacyEngine.make_private` builds them (per-example gradient module,
+        DPOptimizer, DPDataLoader, accountant hook, ghost-clipping loss), except for the two numbers that
+        `make_private` derives from the dataset's size: here the sample rate is this account's (public) and
+        the clipped, noised gradient sum is divided by the public expected batch size `batch_size`, not by
+        int(len(dataset) x q). So nothing but the DP mechanism itself depends on the owner's record count.
+
+        `mode` is Opacus' grad_sample_mode (hooks | ghost | functorch). Returns (model, optimizer, batches,
+        accountant, backward) where `backward(per_sequence_losses)` back-propagates a batch's loss the way the
+        mode needs (ghost clipping: two passes). The accountant starts from this account's history.
         Sampling and noise draw from generators seeded by the OS's entropy, never from the run's seed: anyone
         who knows the config (the server does) must not be able to replay the noise and subtract it.
         """
-        with warnings.catch_warnings():  # "Secure RNG turned off": see README, "Randomness"
-            warnings.simplefilter("ignore", UserWarning)
-            engine = PrivacyEngine(accountant=self.accountant)
+        accountant = create_accountant(mechanism=self.accountant)
         if self.steps:
-            engine.accountant.history = [(self.noise_multiplier, self.sample_rate, self.steps)]
-        loader = DataLoader(loader.dataset, batch_size=loader.batch_size, generator=_secret_generator())
-        wrapped = engine.make_private(
-            module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=self.noise_multiplier,
-            max_grad_norm=self.max_grad_norm, poisson_sampling=True, noise_generator=_secret_generator(),
-            grad_sample_mode=mode, criterion=PerSequenceLoss())
+            accountant.history = [(self.noise_multiplier, self.sample_rate, self.steps)]
+        ModuleValidator.validate(model, strict=True)
+        kwargs = {"max_grad_norm": self.max_grad_norm} if mode == "ghost" else {}
+        module = prepare_module(model, grad_sample_mode=mode, batch_first=True, loss_reduction="mean", **kwargs)
+        module.forbid_grad_accumulation()  # Poisson sampling: one batch, one step
+        optimizer = get_optimizer_class(clipping="flat", distributed=False, grad_sample_mode=mode)(
+            optimizer=optimizer, noise_multiplier=self.noise_multiplier, max_grad_norm=self.max_grad_norm,
+            expected_batch_size=batch_size, loss_reduction="mean", generator=_secret_generator())
+        optimizer.attach_step_hook(accountant.get_optimizer_hook_fn(sample_rate=self.sample_rate))
         if mode == "ghost":
-            model, optimizer, criterion, loader = wrapped
+            criterion = DPLossFastGradientClipping(module, optimizer, PerSequenceLoss(), "mean")
 
             def backward(losses: torch.Tensor) -> None:  # ghost clipping: two backward passes
                 criterion(losses).backward()
         else:
-            model, optimizer, loader = wrapped
             backward = mean_backward
-        if not math.isclose(loader.sample_rate, self.sample_rate):
-            raise RuntimeError(f"Opacus samples at {loader.sample_rate}, the account at {self.sample_rate}")
-        return model, optimizer, loader, engine, backward
+        batches = poisson_batches(dataset, self.sample_rate, steps, _secret_generator())
+        return module, optimizer, batches, accountant, backward
 
-    def record_steps(self, engine: PrivacyEngine) -> None:
-        """Take the step count from the engine's accountant (the single source of truth)."""
-        history = engine.accountant.history
+    def record_steps(self, accountant) -> None:
+        """Take the step count from the Opacus accountant (the single source of truth)."""
+        history = accountant.history
         if any((s, q) != (self.noise_multiplier, self.sample_rate) for s, q, _ in history):
             raise RuntimeError(f"unexpected accountant history {history}")
         self.steps = sum(n for _, _, n in history)
@@ -192,12 +208,32 @@ def mean_backward(losses: torch.Tensor) -> None:
     losses.mean().backward()
 
 
+def poisson_batches(dataset: Dataset, sample_rate: float, steps: int, generator: torch.Generator | None = None):
+    """Exactly `steps` Poisson batches (each record in each batch with probability `sample_rate`, empty
+    batches included), from Opacus' DPDataLoader, iterated as often as needed."""
+    loader = DPDataLoader(dataset, sample_rate=sample_rate, generator=generator)
+    taken = 0
+    while taken < steps:
+        for batch in loader:
+            yield batch
+            taken += 1
+            if taken == steps:
+                return
+
+
 def _secret_generator() -> torch.Generator:
     return torch.Generator().manual_seed(secrets.randbits(63))
 
 
-def empty_batch_step(optimizer) -> None:
-    """Step a DP optimizer on an empty Poisson batch: no gradient, but noise is added and the accountant steps."""
+def empty_gradients(optimizer) -> None:
+    """Prepare a DP optimizer's step on an empty Poisson batch: no gradient, but the step still adds noise and
+    the accountant still counts it.
+
+    Per-example modes (hooks, functorch) clip `grad_sample`, an empty stack here; ghost clipping's optimizer
+    reads the already-clipped sum from `grad`, a zero tensor here."""
+    ghost = isinstance(optimizer, DPOptimizerFastGradientClipping)
     for p in optimizer.params:
-        p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
-    optimizer.step()
+        if ghost:
+            p.grad = torch.zeros_like(p)
+        else:
+            p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)

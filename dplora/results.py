@@ -3,11 +3,12 @@
 metrics.json:
   {"config": <resolved config>, "initial": {accuracy, loss, macro_f1},
    "rounds": [{"round", "accuracy", "loss", "macro_f1", "epsilon" (max over clients so far; null = no DP),
-               "clients": [{"node_id", "epsilon", "noise_multiplier", "sample_rate", "steps", "delta",
-                            "num_examples"}],
+               "clients": [{"node_id", "epsilon" (re-derived by the server), "noise_multiplier", "sample_rate",
+                            "steps", "delta"}],
                "refused": [{"node_id", "reason", ...privacy record}], "failed": [{"node_id", "reason"}],
                "aggregated" (false: fewer than min_clients trained, the adapter stayed), "seconds"}],
-   "run_key", "resumed_at": [rounds after which a killed run was resumed]}
+   "run_key", "resumed_at": [rounds after which a killed run was resumed],
+   "accountant": which accountant computed every client epsilon}
 """
 
 from __future__ import annotations
@@ -26,16 +27,19 @@ from safetensors.torch import load_file
 log = logging.getLogger(f"flwr.{__name__}")  # under Flower's logger: shown by `flwr run --stream`
 
 PRIVACY_KEYS = ("epsilon", "noise_multiplier", "sample_rate", "steps", "delta")
+ACCOUNTANTS = {"prv": "Opacus PRVAccountant (privacy random variables)", "rdp": "Opacus RDPAccountant (Renyi DP)"}
 
 
 def _finite_or_none(value: float) -> float | None:
     return None if value is None or math.isinf(value) else value
 
 
-def client_record(node_id: int, metrics: dict) -> dict:
-    """One client's entry in metrics.json, from its reply's MetricRecord."""
-    record = {"node_id": node_id, **{k: metrics[k] for k in PRIVACY_KEYS}, "num_examples": metrics["num-examples"]}
-    record["epsilon"] = _finite_or_none(record["epsilon"])
+def client_record(node_id: int, metrics: dict, epsilon: float | None) -> dict:
+    """One client's entry in metrics.json: its reply's privacy parameters, with the epsilon the server
+    re-derived from them (None: no DP)."""
+    record = {"node_id": node_id, **{k: metrics[k] for k in PRIVACY_KEYS}}
+    record["epsilon"] = _finite_or_none(epsilon)
+    record["steps"] = int(record["steps"])
     return record
 
 
@@ -48,8 +52,10 @@ class RunRecorder:
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.num_rounds = num_rounds
+        accountant = (config.get("privacy") or {}).get("accountant", "prv")
         self.data = previous or {"config": config, "initial": None, "rounds": [], "run_key": run_key,
-                                 "resumed_at": []}
+                                 "resumed_at": [], "accountant": f"{ACCOUNTANTS.get(accountant, accountant)}, "
+                                 "re-derived by the server from each reply's own parameters"}
         self.epsilons: dict[int, float | None] = {}  # node_id -> latest epsilon
         for entry in self.data["rounds"]:
             for record in entry["clients"] + entry["refused"]:

@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader, TensorDataset
 
 from .data import IGNORE_INDEX
-from .privacy import PrivacyAccount, empty_batch_step, grad_sample_mode, mean_backward
+from .privacy import PrivacyAccount, empty_gradients, grad_sample_mode, mean_backward, poisson_batches
 
 # Opacus' hooks fire on frozen inputs (the base model is frozen): expected, and harmless.
 warnings.filterwarnings("ignore", message="Full backward hook is firing")
@@ -67,43 +67,52 @@ def make_optimizer(params: list[torch.nn.Parameter], train_cfg: DictConfig) -> t
 
 
 def train_round(model: torch.nn.Module, train_set: TensorDataset, cfg: DictConfig,
-                account: PrivacyAccount, seed: int) -> dict:
-    """Train `cfg.train.local_epochs` epochs on `train_set`; with DP if `account.private`.
+                account: PrivacyAccount, seed: int, steps: int, on_backward=None) -> dict:
+    """Take `steps` Poisson-sampled steps on `train_set` (sample rate `account.sample_rate`); with DP if
+    `account.private`. Non-private training samples the same way and averages over the drawn batch.
 
-    Updates `account.steps` from the accountant. Returns {"steps": steps this round, "seconds": ...}.
+    Updates `account.steps` from the accountant. `on_backward(optimizer)`, if given, runs after each backward
+    pass, before the optimizer step (scripts/audit.py injects its gradient canaries there). Returns
+    {"steps": steps this round, "seconds": ...}.
     """
     dev = device()
-    generator = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)  # dropout and Opacus' noise
+    torch.manual_seed(seed)  # dropout
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, cfg.train)
-    loader = DataLoader(train_set, batch_size=cfg.train.batch_size, shuffle=True, generator=generator)
-    engine, module, backward = None, model, mean_backward
+    accountant, module, backward = None, model, mean_backward
     if account.private:
         mode, _ = grad_sample_mode(cfg.privacy.grad_sample_mode)
-        module, optimizer, loader, engine, backward = account.make_private(model, optimizer, loader, mode)
-    module.train()
-    start, steps_before, steps = time.perf_counter(), account.steps, 0
-    try:
-        for _ in range(cfg.train.local_epochs):
-            for batch in loader:
-                optimizer.zero_grad(set_to_none=True)
-                if batch[0].shape[0] == 0:  # an empty Poisson batch still counts as a DP step
-                    empty_batch_step(optimizer)
-                else:
-                    backward(sequence_losses(module, trim_padding(batch, dev), cfg.model.task))
-                    optimizer.step()
-                steps += 1
-    finally:
-        if engine is not None:
-            module._close()  # remove Opacus' hooks so `model` is plain again
-    if engine is not None:
-        account.record_steps(engine)
-        if account.steps - steps_before != steps:
-            raise RuntimeError(f"accountant counted {account.steps - steps_before} steps, the loop {steps}")
+        module, optimizer, batches, accountant, backward = account.make_private(
+            model, optimizer, train_set, cfg.train.batch_size, steps, mode)
     else:
-        account.steps += steps
-    return {"steps": steps, "seconds": time.perf_counter() - start}
+        batches = poisson_batches(train_set, account.sample_rate, steps, torch.Generator().manual_seed(seed))
+    module.train()
+    start, steps_before, taken = time.perf_counter(), account.steps, 0
+    try:
+        for batch in batches:
+            taken += 1
+            optimizer.zero_grad(set_to_none=True)
+            if batch[0].shape[0] > 0:
+                backward(sequence_losses(module, trim_padding(batch, dev), cfg.model.task))
+            elif accountant is not None:  # an empty Poisson batch is still a DP step: noise, accountant
+                empty_gradients(optimizer)
+            else:
+                continue
+            if on_backward is not None:
+                on_backward(optimizer)
+            optimizer.step()
+    finally:
+        if accountant is not None:
+            module._close()  # remove Opacus' hooks so `model` is plain again
+    if accountant is not None:
+        account.record_steps(accountant)
+        if account.steps - steps_before != taken:
+            raise RuntimeError(f"accountant counted {account.steps - steps_before} steps, the loop {taken}")
+    else:
+        account.steps += taken
+    if taken != steps:
+        raise RuntimeError(f"planned {steps} steps, took {taken}")
+    return {"steps": taken, "seconds": time.perf_counter() - start}
 
 
 @torch.no_grad()

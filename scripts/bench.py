@@ -82,10 +82,9 @@ class Stepper:
         if mode is not None:  # the product's path: PrivacyAccount.make_private, at sigma=1 and q=1/16
             account = PrivacyAccount(target_epsilon=8.0, delta=1e-5, max_grad_norm=1.0, accountant="prv",
                                      noise_multiplier=1.0, sample_rate=1 / 16, planned_steps=10**6)
-            loader = torch.utils.data.DataLoader(
-                torch.utils.data.TensorDataset(torch.zeros(16 * len(batch[0]))), batch_size=len(batch[0]))
-            self.module, self.optimizer, _, self.engine, self.backward = account.make_private(
-                self.model, optimizer, loader, mode)
+            dataset = torch.utils.data.TensorDataset(torch.zeros(16 * len(batch[0])))
+            self.module, self.optimizer, _, self.accountant, self.backward = account.make_private(
+                self.model, optimizer, dataset, len(batch[0]), 1, mode)
         self.module.train()
 
     def step(self) -> None:
@@ -199,10 +198,8 @@ def plain_loop_child(overrides: str, num_clients: int) -> dict:
     for server_round in range(1, cfg.num_rounds + 1):
         replies = [client.train(cfg, arrays, states[i], node_config=nodes[i], server_round=server_round,
                                 run_key="plain") for i in range(num_clients)]
-        weights = [int(r["metrics"]["num-examples"]) for r in replies]
         tensors = [r["arrays"].to_torch_state_dict() for r in replies]
-        average = {k: sum(w * t[k] for w, t in zip(weights, tensors, strict=True)) / sum(weights)
-                   for k in tensors[0]}
+        average = {k: sum(t[k] for t in tensors) / len(tensors) for k in tensors[0]}  # uniform, as the server
         models.load_adapter_state(model, average)
         arrays = models.to_arrays(model)
         rounds.append(evaluate(model, test_sets, test_labels, cfg)["accuracy"])

@@ -8,7 +8,7 @@ deployment (HTTPS, pre-registered node keys, subprocess isolation).
 Usage (keys and certificates from ``scripts/make_certs.sh CERTS N``)::
 
     python scripts/local_federation.py start --certs CERTS --data a.jsonl b.jsonl \
-        [--workdir DIR]
+        --privacy-budget 10 [--workdir DIR]
     FLWR_HOME=DIR/flwr_home flwr run . local-tls --stream --run-config "..."
     python scripts/local_federation.py stop --workdir DIR
 
@@ -20,11 +20,12 @@ HTTPS on ONE port; the old 9091/9092/9093 gRPC trio is gone):
 
 Node ``i`` (1-based) uses ``CERTS/node<i>`` as its private key, registers
 ``CERTS/node<i>.pub`` with ``flwr supernode register`` and gets the node config
-``data-path='FILE' privacy-ledger='WORKDIR/ledger-node<i>.json'`` [``privacy-budget=EPS``].
+``data-path='FILE' privacy-ledger='WORKDIR/ledger-node<i>.json' privacy-budget=EPS``: an owner serving
+its own data refuses every run without a budget (and non-private runs unless ``allow-non-private=true``).
 
 Importable (``scripts/`` is not a package; load this file with importlib)::
 
-    start_federation(certs, data_files, workdir) -> dict
+    start_federation(certs, data_files, workdir, privacy_budget=EPS) -> dict
     stop_federation(workdir) -> list[int]      # safe to call twice
 
 Standard library only. Every process gets its own session
@@ -282,12 +283,12 @@ def start_federation(
     superlink_port: int = SUPERLINK_PORT,
     supernode_base_port: int = SUPERNODE_BASE_PORT,
     timeout: float = 120.0,
-    privacy_budget: float | None = None,
+    privacy_budget: float,
 ) -> dict:
     """Start a SuperLink and one SuperNode per data file; return once all are online.
 
     Node i's node config names its data file and its privacy ledger (``<workdir>/ledger-node<i>.json``,
-    kept across runs and restarts), plus ``privacy-budget`` if given: the owner's total epsilon.
+    kept across runs and restarts) and ``privacy-budget``: the owner's total epsilon over all runs.
 
     Returns a dict with: ``workdir``, ``flwr_home`` (set FLWR_HOME to it for ``flwr``),
     ``connection`` ("local-tls"), ``superlink_address``, ``pids`` ({name: pid},
@@ -367,9 +368,8 @@ def start_federation(
 
         # 3. SuperNodes
         for i, f in enumerate(data, start=1):
-            node_config = f"data-path='{f}' privacy-ledger='{workdir / f'ledger-node{i}.json'}'"
-            if privacy_budget is not None:
-                node_config += f" privacy-budget={float(privacy_budget)}"
+            node_config = (f"data-path='{f}' privacy-ledger='{workdir / f'ledger-node{i}.json'}' "
+                           f"privacy-budget={float(privacy_budget)}")
             launch(f"supernode-{i}", supernode_command(
                 certs, certs / f"node{i}", supernode_base_port + i - 1, node_config, superlink_port,
             ))
@@ -497,8 +497,9 @@ def main(argv: list[str] | None = None) -> int:
     p_start.add_argument("--superlink-port", type=int, default=SUPERLINK_PORT)
     p_start.add_argument("--supernode-base-port", type=int, default=SUPERNODE_BASE_PORT)
     p_start.add_argument("--timeout", type=float, default=120.0)
-    p_start.add_argument("--privacy-budget", type=float, default=None,
-                         help="each owner's total epsilon across runs, enforced by its ledger")
+    p_start.add_argument("--privacy-budget", type=float, required=True,
+                         help="each owner's total epsilon across runs, enforced by its ledger (an owner "
+                              "serving its own data refuses every run without one)")
     p_stop = sub.add_parser("stop", help="stop the federation started in --workdir")
     p_stop.add_argument("--workdir", default=DEFAULT_WORKDIR)
     args = parser.parse_args(argv)

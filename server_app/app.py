@@ -52,8 +52,9 @@ def main(grid: Grid, context: Context) -> None:
             save_adapter(model, out_dir / "checkpoint", {"round": server_round, "run_key": run_key})
         return MetricRecord(metrics)
 
-    strategy = AdapterFedAvg(recorder, latest["arrays"], min_clients=cfg.strategy.min_clients, round_offset=done,
-                             timeout=cfg.strategy.round_timeout, fraction_train=cfg.strategy.fraction_train)
+    strategy = AdapterFedAvg(recorder, latest["arrays"], min_clients=cfg.strategy.min_clients, privacy=cfg.privacy,
+                             round_offset=done, timeout=cfg.strategy.round_timeout,
+                             fraction_train=cfg.strategy.fraction_train)
     if done < cfg.num_rounds:
         strategy.start(grid=grid, initial_arrays=latest["arrays"], num_rounds=cfg.num_rounds - done,
                        timeout=cfg.strategy.round_timeout, train_config=ConfigRecord({"run-key": run_key}),

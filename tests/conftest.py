@@ -24,6 +24,11 @@ def tiny_cfg():
 
 @pytest.fixture
 def shared_data() -> Path:
+    """The real datasets: tests that need them are skipped where they are absent (a fresh clone elsewhere),
+    and fail instead when DPLORA_REQUIRE_SHARED_DATA=1 (CI, which has them, sets it)."""
     if not (SHARED_DATA / "fpb" / "train.jsonl").is_file():
-        pytest.fail(f"shared datasets not found at {SHARED_DATA} (set DPLORA_SHARED_DATA)")
+        message = f"real datasets not found at {SHARED_DATA} (set DPLORA_SHARED_DATA)"
+        if os.environ.get("DPLORA_REQUIRE_SHARED_DATA") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
     return SHARED_DATA

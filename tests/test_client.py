@@ -10,6 +10,8 @@ from dplora import client, config, data, models, privacy
 from dplora.ledger import LedgerError, PrivacyLedger
 from dplora.privacy import PrivacyAccount
 
+from .conftest import TINY
+
 SIM = {"partition-id": 0, "num-partitions": 2}
 
 
@@ -20,12 +22,51 @@ def _owner_file(path, n=30):
     return path
 
 
-def test_owner_trains_on_its_own_data_file(tiny_cfg, tmp_path):
+def _owner(tmp_path, n=30, **settings):
+    return {"data-path": str(_owner_file(tmp_path / "owner_a.jsonl", n=n)), "privacy-ledger": str(tmp_path / "l.json"),
+            "privacy-budget": 50, **settings}
+
+
+def test_owner_trains_on_its_own_data_file_at_a_public_sample_rate(tiny_cfg, tmp_path, caplog):
     model, _ = models.build_model(tiny_cfg)
-    owner = {"data-path": str(_owner_file(tmp_path / "owner_a.jsonl", n=30))}
+    owner = _owner(tmp_path, public_size := 32) | {"public-num-examples": public_size}
     reply = client.train(tiny_cfg, models.to_arrays(model), RecordDict(), node_config=owner, server_round=1)
-    assert reply[client.METRICS]["num-examples"] == 30  # the whole file, not a simulation partition
-    assert reply[client.METRICS]["sample_rate"] == pytest.approx(1 / math.ceil(30 / tiny_cfg.train.batch_size))
+    assert "num-examples" not in reply[client.METRICS]  # the exact record count never leaves the owner
+    q = tiny_cfg.train.batch_size / public_size  # from the size the owner published
+    assert reply[client.METRICS]["sample_rate"] == pytest.approx(q)
+    assert reply[client.METRICS]["steps"] == math.ceil(tiny_cfg.train.local_epochs / q)
+    cfg = config.compose(TINY + " train.sample_rate=0.2")  # or the run sets q for everyone
+    reply = client.train(cfg, models.to_arrays(model), RecordDict(), node_config=_owner(tmp_path), server_round=1,
+                         run_key="other")
+    assert reply[client.METRICS]["sample_rate"] == 0.2 and reply[client.METRICS]["steps"] == 5
+
+
+def test_an_owner_without_a_public_sample_rate_is_told_what_to_set(tiny_cfg, tmp_path):
+    model, _ = models.build_model(tiny_cfg)
+    with pytest.raises(config.ConfigError, match="train.sample_rate.*public-num-examples"):
+        client.train(tiny_cfg, models.to_arrays(model), RecordDict(), node_config=_owner(tmp_path), server_round=1)
+
+
+def test_a_real_owner_trains_only_within_the_limits_it_set(tmp_path):
+    dp = config.compose(TINY + " train.sample_rate=0.2")
+    model, _ = models.build_model(dp)
+    arrays = models.to_arrays(model)
+    owner = _owner(tmp_path)
+    del owner["privacy-budget"]
+    reply = client.train(dp, arrays, RecordDict(), node_config=owner, server_round=1)
+    assert "privacy-budget" in reply[client.STATUS]["refused"] and client.ARRAYS not in reply
+    plain = config.compose(TINY + " train.sample_rate=0.2 privacy=none")
+    reply = client.train(plain, arrays, RecordDict(), node_config=_owner(tmp_path), server_round=1)
+    assert "allow-non-private=true" in reply[client.STATUS]["refused"]
+    reply = client.train(plain, arrays, RecordDict(), node_config=_owner(tmp_path, **{"allow-non-private": "true"}),
+                         server_round=1, run_key="np")
+    assert client.ARRAYS in reply and math.isinf(reply[client.METRICS]["epsilon"])
+    # the non-private run has no bound: the ledger's total is now infinite and refuses any further run
+    reply = client.train(dp, arrays, RecordDict(), node_config=_owner(tmp_path), server_round=1, run_key="later")
+    assert "above the owner's budget" in reply[client.STATUS]["refused"]
+    # a simulated owner (partition-id) follows the run's configuration
+    reply = client.train(plain, arrays, RecordDict(), node_config=SIM, server_round=1)
+    assert client.ARRAYS in reply
 
 
 @pytest.mark.parametrize("node_config, message", [

@@ -22,14 +22,15 @@ def test_synthetic_set_is_fixed_balanced_and_noisy():
 
 def test_a_non_private_model_learns_the_synthetic_set_but_not_perfectly():
     cfg = config.compose("privacy=none dataset.num_train=600 dataset.num_test=300 train.local_epochs=2")
-    from dplora.privacy import PrivacyAccount
+    from dplora.privacy import PrivacyAccount, steps_per_round
     from dplora.train import evaluate, train_round
     model, tok = models.build_model(cfg)
     train_set = data.encode(data.load_split(cfg.dataset, "train"), tok, cfg)
     sets, labels = data.test_sets(cfg, tok)
     majority = Counter(labels.tolist()).most_common(1)[0][1] / len(labels)
-    account = PrivacyAccount.plan(cfg.privacy, len(train_set), cfg.train.batch_size, 2)
-    train_round(model, train_set, cfg, account, seed=0)
+    q = cfg.train.batch_size / len(train_set)
+    account = PrivacyAccount.plan(cfg.privacy, q, 2 * steps_per_round(q, 1))
+    train_round(model, train_set, cfg, account, seed=0, steps=steps_per_round(q, cfg.train.local_epochs))
     accuracy = evaluate(model, sets, labels, cfg)["accuracy"]
     assert majority + 0.15 < accuracy < 0.99
 

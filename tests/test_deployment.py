@@ -25,7 +25,7 @@ def _load_script(name: str):
 federation = _load_script("local_federation")
 
 LABELS = ["negative", "neutral", "positive"]
-OVERRIDES = "model=tiny-llama num_rounds=2 train.batch_size=8 train.local_epochs=1"
+OVERRIDES = "model=tiny-llama num_rounds=2 train.batch_size=8 train.sample_rate=0.25 train.local_epochs=1"
 
 
 def _owner_file(path, n):
@@ -64,8 +64,8 @@ def test_tls_federation_with_node_authentication_and_owner_data(certs, tmp_path)
         assert metrics_path.is_file(), run.stdout[-3000:] + run.stderr[-3000:]
         metrics = json.loads(metrics_path.read_text())
         assert [r["round"] for r in metrics["rounds"]] == [1, 2]
-        for entry in metrics["rounds"]:  # each owner trained on its own whole file
-            assert sorted(c["num_examples"] for c in entry["clients"]) == [24, 40]
+        for entry in metrics["rounds"]:  # each owner trained on its own file, at the run's public sample rate
+            assert [c["sample_rate"] for c in entry["clients"]] == [0.25, 0.25]
             assert {c["node_id"] for c in entry["clients"]} == set(info["node_ids"])
             assert not entry["failed"] and not entry["refused"]
         cfg = config.compose(OVERRIDES)

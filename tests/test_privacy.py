@@ -1,5 +1,6 @@
 """DP-SGD behaviour: clipping, noise scale, calibration, run-long accounting, budget refusals."""
 
+import json
 import math
 
 import pytest
@@ -12,33 +13,39 @@ from dplora.privacy import BudgetExhausted, PrivacyAccount
 from dplora.train import sequence_losses, train_round
 
 
-def _account(cfg, n, batch_size=None, **changes):
-    account = PrivacyAccount.plan(cfg.privacy, n, batch_size or cfg.train.batch_size,
-                                  cfg.num_rounds * cfg.train.local_epochs)
+def _account(cfg, q=0.25, **changes):
+    steps = privacy.steps_per_round(q, cfg.train.local_epochs)
+    account = PrivacyAccount.plan(cfg.privacy, q, cfg.num_rounds * steps)
     for k, v in changes.items():
         setattr(account, k, v)
     return account
+
+
+def _private(account, model, dataset, batch_size=16, steps=1, mode="hooks"):
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
+    return account.make_private(model, optimizer, dataset, batch_size, steps, mode)
 
 
 @pytest.mark.parametrize("accountant", ["prv", "rdp"])
 @pytest.mark.parametrize("target", [1.0, 8.0])
 def test_calibrated_noise_meets_target_within_5_percent(accountant, target):
     cfg = OmegaConf.create({"target_epsilon": target, "delta": 1e-5, "max_grad_norm": 1.0, "accountant": accountant})
-    account = PrivacyAccount.plan(cfg, num_examples=775, batch_size=32, planned_epochs=3)
+    q = privacy.sample_rate(32, 775)
+    account = PrivacyAccount.plan(cfg, q, 3 * privacy.steps_per_round(q, 1))
     assert account.planned_steps == 3 * math.ceil(775 / 32)
     eps = account.epsilon(account.planned_steps)
     assert 0.95 * target <= eps <= target
-    # one step more than planned goes over budget, and the account refuses it
+    # a round more than planned goes over budget, and the account refuses it
     account.steps = account.planned_steps
     with pytest.raises(BudgetExhausted, match="budget"):
-        account.check_budget(1)
+        account.check_budget(privacy.steps_per_round(q, 1))
 
 
 def test_more_noise_for_smaller_epsilon():
     sigmas = []
     for eps in (1.0, 4.0, 8.0):
         cfg = OmegaConf.create({"target_epsilon": eps, "delta": 1e-5, "max_grad_norm": 1.0, "accountant": "prv"})
-        sigmas.append(PrivacyAccount.plan(cfg, 500, 25, 2).noise_multiplier)
+        sigmas.append(PrivacyAccount.plan(cfg, 0.05, 40).noise_multiplier)
     assert sigmas[0] > sigmas[1] > sigmas[2] > 0
 
 
@@ -47,10 +54,8 @@ def test_per_example_clipping_bound_holds(tiny_cfg):
     model, tok = models.build_model(cfg)
     train_set = data.encode(data.load_split(cfg.dataset, "train").select(range(8)), tok, cfg)
     clip = 1e-3  # far below the raw per-example gradient norms, so clipping is active
-    account = _account(cfg, len(train_set), batch_size=4, noise_multiplier=0.0, max_grad_norm=clip)
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
-    loader = torch.utils.data.DataLoader(train_set, batch_size=4)
-    module, optimizer, _, _, _ = account.make_private(model, optimizer, loader)
+    account = _account(cfg, noise_multiplier=0.0, max_grad_norm=clip)
+    module, optimizer, _, _, _ = _private(account, model, train_set, batch_size=4)
     for i in range(len(train_set)):
         example = [t[i:i + 1] for t in train_set.tensors]
         optimizer.zero_grad()
@@ -69,16 +74,15 @@ def test_noise_scales_as_configured(tiny_cfg, sigma):
     cfg = tiny_cfg
     model, tok = models.build_model(cfg)
     train_set = data.encode(data.load_split(cfg.dataset, "train"), tok, cfg)
-    account = _account(cfg, len(train_set), noise_multiplier=sigma, max_grad_norm=0.5)
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
-    loader = torch.utils.data.DataLoader(train_set, batch_size=cfg.train.batch_size)
-    module, optimizer, loader, _, _ = account.make_private(model, optimizer, loader)
+    account = _account(cfg, noise_multiplier=sigma, max_grad_norm=0.5)
+    module, optimizer, _, _, _ = _private(account, model, train_set, batch_size=cfg.train.batch_size)
     batch = [t[:16] for t in train_set.tensors]
     optimizer.zero_grad()
     (0.0 * sequence_losses(module, batch, cfg.model.task)).mean().backward()
     optimizer.pre_step()  # clip, add noise, scale
     grad = torch.cat([p.grad.flatten() for p in optimizer.params])
-    expected = sigma * 0.5 / optimizer.expected_batch_size
+    expected = sigma * 0.5 / cfg.train.batch_size  # divided by the public expected batch size
+    assert optimizer.expected_batch_size == cfg.train.batch_size
     assert grad.numel() > 5000
     assert abs(float(grad.std()) / expected - 1) < 0.05
     assert abs(float(grad.mean())) < 3 * expected / math.sqrt(grad.numel())
@@ -90,31 +94,79 @@ def test_lora_weights_change_after_a_dp_step_and_base_does_not(tiny_cfg):
     train_set = data.encode(data.load_split(cfg.dataset, "train"), tok, cfg)
     base_before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     before = models.adapter_state(model)
-    account = _account(cfg, len(train_set))
+    account = _account(cfg)
     assert account.private and account.noise_multiplier > 0
-    result = train_round(model, train_set, cfg, account, seed=0)
+    steps = privacy.steps_per_round(account.sample_rate, cfg.train.local_epochs)
+    result = train_round(model, train_set, cfg, account, seed=0, steps=steps)
     after = models.adapter_state(model)
-    assert result["steps"] == account.steps == cfg.train.local_epochs * round(1 / account.sample_rate)
+    assert result["steps"] == account.steps == steps == 4
     assert all(before[k].abs().sum() == 0 for k in before if "lora_B" in k)  # peft starts B at zero
     assert all(not torch.equal(before[k], after[k]) for k in before if "lora_B" in k)
     assert all(torch.equal(p, base_before[n]) for n, p in model.named_parameters() if not p.requires_grad)
 
 
-def test_empty_poisson_batch_still_steps_the_accountant(tiny_cfg):
-    cfg = tiny_cfg
+@pytest.mark.parametrize("mode", ["hooks", "ghost", "functorch"])
+def test_every_mode_steps_through_empty_poisson_batches(tiny_cfg, mode):
+    """Four records at q=0.1: two of three batches are empty. Each is still a DP step (noise, accountant)."""
+    cfg = OmegaConf.merge(tiny_cfg, {"privacy": {"grad_sample_mode": mode}})
     model, tok = models.build_model(cfg)
-    train_set = data.encode(data.load_split(cfg.dataset, "train"), tok, cfg)
-    account = _account(cfg, len(train_set))
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
-    loader = torch.utils.data.DataLoader(train_set, batch_size=cfg.train.batch_size)
-    module, optimizer, loader, engine, _ = account.make_private(model, optimizer, loader)
+    train_set = data.encode(data.load_split(cfg.dataset, "train").select(range(4)), tok, cfg)
+    account = _account(cfg, q=0.1)
     before = models.adapter_state(model)
-    optimizer.zero_grad()
-    privacy.empty_batch_step(optimizer)
-    account.record_steps(engine)
-    assert account.steps == 1
+    result = train_round(model, train_set, cfg, account, seed=0, steps=12)
+    assert result["steps"] == account.steps == 12  # planned and taken agree; every empty batch counted
     after = models.adapter_state(model)
-    assert any(not torch.equal(before[k], after[k]) for k in before)  # the noise was applied
+    assert all(not torch.equal(before[k], after[k]) for k in before)  # noise reached every tensor
+
+    module, optimizer, _, accountant, _ = _private(_account(cfg, q=0.1), model, train_set, mode=mode)
+    optimizer.zero_grad()
+    privacy.empty_gradients(optimizer)  # a batch with no example at all
+    optimizer.step()
+    assert [n for _, _, n in accountant.history] == [1]
+    module._close()
+
+
+@pytest.mark.parametrize("n, q, epochs", [(5889, 64 / 5889, 1), (775, 64 / 775, 2), (60, 0.3, 1)])
+def test_planned_steps_are_the_steps_taken(tiny_cfg, n, q, epochs):
+    """Calibration, the budget check and the loop count the same steps: ceil(local_epochs / q) per round."""
+    steps = privacy.steps_per_round(q, epochs)
+    assert steps == math.ceil(epochs / q - 1e-9)
+    batches = list(privacy.poisson_batches(torch.utils.data.TensorDataset(torch.arange(n)), q, steps))
+    assert len(batches) == steps
+    mean = sum(len(b[0]) for b in batches) / steps
+    assert abs(mean - q * n) < 5 * math.sqrt(q * n / steps) + 1
+
+
+def test_neighbouring_datasets_give_replies_with_identical_metadata(tiny_cfg, tmp_path):
+    """An owner with N and with N+1 records: the same privacy record, sample rate, steps and normalization;
+    nothing in the reply but the DP-trained arrays can differ, and the reply holds no record count."""
+    replies, normalizers = [], []
+    for n in (30, 31):
+        path = tmp_path / f"owner-{n}.jsonl"
+        path.write_text("".join(json.dumps({"text": f"review {i} is fine", "label": ["negative", "positive"][i % 2]})
+                                + "\n" for i in range(n)))
+        node = {"data-path": str(path), "privacy-ledger": str(tmp_path / f"ledger-{n}.json"), "privacy-budget": 100}
+        cfg = OmegaConf.merge(tiny_cfg, {"train": {"sample_rate": 0.25}})
+        model, _ = models.build_model(cfg)
+        original = privacy.PrivacyAccount.make_private
+
+        def spy(self, *args, **kwargs):
+            out = original(self, *args, **kwargs)
+            normalizers.append(out[1].expected_batch_size)
+            return out
+        privacy.PrivacyAccount.make_private = spy
+        try:
+            replies.append(client.train(cfg, models.to_arrays(model), RecordDict(), node_config=node,
+                                        server_round=1, run_key="r"))
+        finally:
+            privacy.PrivacyAccount.make_private = original
+    small, large = replies
+    assert dict(small[client.METRICS]) == dict(large[client.METRICS])
+    assert set(small[client.METRICS]) == {"epsilon", "noise_multiplier", "sample_rate", "steps", "delta"}
+    assert set(small.keys()) == set(large.keys()) == {client.ARRAYS, client.METRICS}
+    assert normalizers == [tiny_cfg.train.batch_size] * 2  # not int(N x q)
+    a, b = small[client.ARRAYS].to_torch_state_dict(), large[client.ARRAYS].to_torch_state_dict()
+    assert {k: (v.shape, v.dtype) for k, v in a.items()} == {k: (v.shape, v.dtype) for k, v in b.items()}
 
 
 def test_epsilon_across_rounds_is_one_accountant_not_a_sum(tiny_cfg):
@@ -148,7 +200,7 @@ def test_client_refuses_once_the_budget_is_spent(tiny_cfg):
     reply = client.train(cfg, arrays, state, node_config={"partition-id": 1, "num-partitions": 2}, server_round=3)
     assert client.ARRAYS not in reply.array_records
     assert "refusing to train" in reply[client.STATUS]["refused"]
-    assert reply[client.METRICS]["num-examples"] == 0
+    assert "num-examples" not in reply[client.METRICS]
     assert reply[client.METRICS]["steps"] == spent.steps  # nothing more was spent
     assert PrivacyAccount.from_record(state.config_records[privacy.STATE_KEY]).steps == spent.steps
 

@@ -48,9 +48,8 @@ def test_flwr_run_simulation_end_to_end(superlink_env, tmp_path):
         assert 0 <= entry["accuracy"] <= 1 and entry["loss"] > 0
         assert entry["epsilon"] == max(c["epsilon"] for c in entry["clients"])
         for c in entry["clients"]:
-            assert set(c) == {"node_id", "epsilon", "noise_multiplier", "sample_rate", "steps", "delta",
-                              "num_examples"}
-            assert c["num_examples"] == 100 and c["delta"] == 1e-5 and c["noise_multiplier"] > 0
+            assert set(c) == {"node_id", "epsilon", "noise_multiplier", "sample_rate", "steps", "delta"}
+            assert c["sample_rate"] == 16 / 100 and c["delta"] == 1e-5 and c["noise_multiplier"] > 0
     first, last = metrics["rounds"][0]["clients"], metrics["rounds"][1]["clients"]
     assert {c["node_id"]: 2 * c["steps"] for c in first} == {c["node_id"]: c["steps"] for c in last}
     assert metrics["rounds"][1]["epsilon"] <= cfg.privacy.target_epsilon

@@ -8,8 +8,18 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
 
+from omegaconf import OmegaConf
+
+from dplora import privacy
 from dplora.results import RunRecorder
-from server_app.strategy import AdapterFedAvg
+from server_app import strategy as strategy_module
+
+DP = OmegaConf.create({"target_epsilon": 8.0, "delta": 1e-5, "accountant": "prv"})
+NON_PRIVATE = OmegaConf.create({"target_epsilon": None, "delta": 1e-5, "accountant": "prv"})
+
+
+def AdapterFedAvg(recorder, reference, *, privacy=DP, **kwargs):  # noqa: N802 - the strategy, with a DP run's config
+    return strategy_module.AdapterFedAvg(recorder, reference, privacy=privacy, **kwargs)
 
 
 @pytest.fixture(autouse=True)
@@ -28,36 +38,41 @@ def _reply(node_id: int, content: RecordDict | Error) -> Message:
 REFERENCE = ArrayRecord({"w": Array(np.zeros((2, 2), dtype=np.float32))})
 
 
-def _privacy(eps, steps=10):
-    return {"epsilon": eps, "noise_multiplier": 1.1, "sample_rate": 0.1, "steps": steps, "delta": 1e-5}
+def _privacy(steps=10, sigma=1.1):
+    """An honest privacy record: the epsilon its own parameters give (inf: no DP)."""
+    eps = privacy.epsilon(sigma, 0.1, steps, 1e-5, "prv") if sigma else math.inf
+    return {"epsilon": eps, "noise_multiplier": sigma, "sample_rate": 0.1, "steps": steps, "delta": 1e-5}
 
 
-def _trained(node_id, value, n, eps):
+def _trained(node_id, value, steps=10, sigma=1.1):
     return _reply(node_id, RecordDict({
         "arrays": ArrayRecord({"w": Array(np.full((2, 2), value, dtype=np.float32))}),
-        "metrics": MetricRecord({"num-examples": n, **_privacy(eps)})}))
+        "metrics": MetricRecord(_privacy(steps, sigma))}))
 
 
 def test_aggregates_trained_replies_and_records_refusals_and_failures(tmp_path):
     recorder = RunRecorder(tmp_path, {"privacy": {"target_epsilon": 8}}, num_rounds=1, run_key="k")
     strategy = AdapterFedAvg(recorder, REFERENCE, min_clients=1)
     replies = [
-        _trained(1, 1.0, 100, 3.0),
-        _trained(2, 4.0, 300, 2.5),
-        _reply(3, RecordDict({"metrics": MetricRecord({"num-examples": 0, **_privacy(7.9, 40)}),
+        _trained(1, 1.0, steps=10),
+        _trained(2, 4.0, steps=20),
+        _reply(3, RecordDict({"metrics": MetricRecord(_privacy(40)),
                               "status": ConfigRecord({"refused": "refusing to train: budget"})})),
         _reply(4, Error(code=0, reason="ClientApp raised RuntimeError")),
     ]
     arrays, metrics = strategy.aggregate_train(1, replies)
-    np.testing.assert_allclose(arrays["w"].numpy(), np.full((2, 2), (1.0 * 100 + 4.0 * 300) / 400))
-    assert metrics["clients"] == 2 and metrics["examples"] == 400 and metrics["epsilon-max"] == 3.0
+    np.testing.assert_allclose(arrays["w"].numpy(), np.full((2, 2), (1.0 + 4.0) / 2))  # uniform weights
+    eps = {n: privacy.epsilon(1.1, 0.1, n, 1e-5, "prv") for n in (10, 20, 40)}
+    assert metrics["clients"] == 2 and metrics["epsilon-max"] == pytest.approx(eps[20])
 
     recorder.record_round(1, {"accuracy": 0.5, "loss": 1.0, "macro_f1": 0.4})
     entry = json.loads(recorder.path.read_text())["rounds"][0]
     assert [c["node_id"] for c in entry["clients"]] == [1, 2]
     assert entry["refused"][0]["node_id"] == 3 and "budget" in entry["refused"][0]["reason"]
     assert entry["failed"] == [{"node_id": 4, "reason": "ClientApp raised RuntimeError"}]
-    assert entry["epsilon"] == 7.9  # the refusing owner has spent the most
+    assert entry["epsilon"] == pytest.approx(eps[40])  # the refusing owner has spent the most
+    assert [c["epsilon"] for c in entry["clients"]] == [pytest.approx(eps[10]), pytest.approx(eps[20])]
+    assert "re-derived by the server" in json.loads(recorder.path.read_text())["accountant"]
 
 
 def test_round_with_no_trained_client_keeps_the_adapter(tmp_path):
@@ -68,7 +83,8 @@ def test_round_with_no_trained_client_keeps_the_adapter(tmp_path):
 
 def test_non_private_clients_record_null_epsilon(tmp_path):
     recorder = RunRecorder(tmp_path, {}, num_rounds=1, run_key="k")
-    AdapterFedAvg(recorder, REFERENCE, min_clients=1).aggregate_train(1, [_trained(1, 1.0, 10, math.inf), _trained(2, 2.0, 10, math.inf)])
+    AdapterFedAvg(recorder, REFERENCE, min_clients=1, privacy=NON_PRIVATE).aggregate_train(
+        1, [_trained(1, 1.0, sigma=0.0), _trained(2, 2.0, sigma=0.0)])
     recorder.record_round(1, {"accuracy": 0.5, "loss": 1.0, "macro_f1": 0.4})
     entry = json.loads(recorder.path.read_text())["rounds"][0]
     assert entry["epsilon"] is None and all(c["epsilon"] is None for c in entry["clients"])
@@ -76,7 +92,7 @@ def test_non_private_clients_record_null_epsilon(tmp_path):
 
 def _with(arrays=None, metrics=None, extra=None):
     content = {"arrays": ArrayRecord({k: Array(v) for k, v in ({"w": np.ones((2, 2), np.float32)} if arrays is None else arrays).items()}),
-               "metrics": MetricRecord({"num-examples": 10, **_privacy(1.0), **(metrics or {})})}
+               "metrics": MetricRecord({**_privacy(), **(metrics or {})})}
     return RecordDict({**content, **(extra or {})})
 
 
@@ -86,14 +102,21 @@ def _with(arrays=None, metrics=None, extra=None):
     (_with(arrays={"w": np.ones((2, 2), np.float64)}), "float64"),
     (_with(arrays={"w": np.ones((2, 2), np.float32), "base.weight": np.ones(2, np.float32)}), "unexpected"),
     (_with(arrays={}), "missing"),
-    (_with(metrics={"num-examples": -5}), "num-examples"),
-    (_with(metrics={"num-examples": 0}), "positive integer"),
+    (_with(metrics={"num-examples": 500}), "expected exactly"),  # no record count, nor any other key
+    (_with(metrics={"loss": 0.1}), "expected exactly"),
     (_with(metrics={"noise_multiplier": float("nan")}), "noise_multiplier"),
+    (_with(metrics={"steps": -1}), "steps"),
+    (_with(metrics={"epsilon": 0.01}), "claimed epsilon 0.01 but .* give"),  # re-derived, not believed
+    (_with(metrics={"delta": 1e-3}), "delta"),
+    (_with(metrics={"noise_multiplier": 0.3, "epsilon": privacy.epsilon(0.3, 0.1, 10, 1e-5, "prv")}), "exceeds"),
+    (_with(metrics={"noise_multiplier": 0.0, "epsilon": math.inf}), "noise_multiplier"),
     (_with(extra={"smuggled": ConfigRecord({"loss": "0.1"})}), "records"),
+    (RecordDict({"arrays": ArrayRecord({"w": Array(np.ones((2, 2), np.float32))}),
+                 "metrics": ConfigRecord(_privacy())}), "wrong type"),
 ])
 def test_invalid_replies_are_excluded_and_never_poison_the_average(tmp_path, content, reason):
     recorder = RunRecorder(tmp_path, {}, num_rounds=1, run_key="k")
-    arrays, _ = AdapterFedAvg(recorder, REFERENCE, min_clients=1).aggregate_train(1, [_trained(1, 2.0, 10, 1.0), _reply(9, content)])
+    arrays, _ = AdapterFedAvg(recorder, REFERENCE, min_clients=1).aggregate_train(1, [_trained(1, 2.0), _reply(9, content)])
     np.testing.assert_array_equal(arrays["w"].numpy(), np.full((2, 2), 2.0))  # only the good reply counts
     recorder.record_round(1, {"accuracy": 0.5, "loss": 1.0, "macro_f1": 0.4})
     failed = json.loads(recorder.path.read_text())["rounds"][0]["failed"]
@@ -104,7 +127,7 @@ def test_invalid_replies_are_excluded_and_never_poison_the_average(tmp_path, con
 def test_fewer_trained_clients_than_min_clients_keep_the_adapter(tmp_path):
     recorder = RunRecorder(tmp_path, {}, num_rounds=1, run_key="k")
     strategy = AdapterFedAvg(recorder, REFERENCE, min_clients=2)
-    arrays, _ = strategy.aggregate_train(1, [_trained(1, 2.0, 10, 1.0), _reply(2, Error(code=0, reason="crash"))])
+    arrays, _ = strategy.aggregate_train(1, [_trained(1, 2.0), _reply(2, Error(code=0, reason="crash"))])
     assert arrays is None  # one good reply is not enough
     recorder.record_round(1, {"accuracy": 0.5, "loss": 1.0, "macro_f1": 0.4})
     entry = json.loads(recorder.path.read_text())["rounds"][0]
@@ -116,7 +139,7 @@ def test_nodes_that_never_reply_are_recorded_as_failed(tmp_path):
     recorder = RunRecorder(tmp_path, {}, num_rounds=1, run_key="k")
     strategy = AdapterFedAvg(recorder, REFERENCE, min_clients=1, timeout=30)
     strategy.sent = {1, 7}  # the round's messages went to nodes 1 and 7; only 1 answered in time
-    arrays, _ = strategy.aggregate_train(1, [_trained(1, 2.0, 10, 1.0)])
+    arrays, _ = strategy.aggregate_train(1, [_trained(1, 2.0)])
     np.testing.assert_array_equal(arrays["w"].numpy(), np.full((2, 2), 2.0))
     recorder.record_round(1, {"accuracy": 0.5, "loss": 1.0, "macro_f1": 0.4})
     entry = json.loads(recorder.path.read_text())["rounds"][0]
