@@ -88,15 +88,20 @@ class DiracCanaries:
     probability 1/2, injected into every DP step as records sampled at the account's rate q."""
 
     def __init__(self, params: list[torch.nn.Parameter], m: int, clip: float, sample_rate: float,
-                 generator: torch.Generator):
-        sizes = [p.numel() for p in params]
+                 generator: torch.Generator, eligible: list[int] | None = None):
+        """`params`: the trainable tensors, in the optimizer's order; `eligible`: the indices of those that may
+        hold canaries (default all). An adversary may place its canaries where it likes: coordinates that the
+        real data's gradients barely move make them easiest to find, and the guarantee must hold anyway."""
+        eligible = list(range(len(params))) if eligible is None else eligible
+        sizes = [params[i].numel() for i in eligible]
         if m > sum(sizes):
-            raise ValueError(f"{m} canaries need {m} distinct coordinates; the adapter has {sum(sizes)}")
+            raise ValueError(f"{m} canaries need {m} distinct coordinates; the eligible tensors have {sum(sizes)}")
         self.params, self.clip, self.sample_rate, self.generator = params, clip, sample_rate, generator
         flat = torch.randperm(sum(sizes), generator=generator)[:m]
         offsets = torch.tensor([0, *sizes]).cumsum(0)
-        self.param_index = torch.searchsorted(offsets, flat, right=True) - 1  # which tensor
-        self.coordinate = flat - offsets[self.param_index]  # where in it (flattened)
+        which = torch.searchsorted(offsets, flat, right=True) - 1
+        self.param_index = torch.tensor(eligible)[which]  # which tensor
+        self.coordinate = flat - offsets[which]  # where in it (flattened)
         self.included = torch.rand(m, generator=generator) < 0.5
 
     def inject(self, optimizer) -> None:

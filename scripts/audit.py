@@ -38,9 +38,12 @@ CONFIDENCE = 0.95
 DELTA = 1e-5
 # The audited owner: the product's tiny random-weight causal LM (LoRA r=8 on the attention projections) on
 # 200 synthetic records; q = 0.1, 5 expected epochs = 50 DP steps; plain SGD (the optimizer after the noisy
-# sum is post-processing, so the guarantee is the same with any).
+# sum is post-processing, so the guarantee is the same with any optimizer and learning rate). White-box: a
+# small learning rate keeps LoRA's B near zero, so the data's gradients on A stay small and the canaries
+# stand out (the audit should be as strong as it can: the claim must hold for every setting). Black-box: a
+# learning rate at which the model fits its data, so that it can memorize the canaries.
 OWNER = ("model=tiny-llama dataset.num_train=200 dataset.num_test=40 num_rounds=1 train.optimizer=sgd "
-         "train.momentum=0 train.learning_rate=0.05 train.sample_rate=0.1 train.local_epochs=5 "
+         "train.momentum=0 train.learning_rate=0.001 train.sample_rate=0.1 train.local_epochs=5 "
          f"train.batch_size=70 privacy.delta={DELTA}")
 
 
@@ -66,10 +69,14 @@ def white_box(claimed: float, mechanism: str, m: int, k: int, seed: int) -> dict
     train_set = data.encode(data.load_split(cfg.dataset, "train"), tokenizer, cfg)
     steps = cfg.num_rounds * steps_per_round(cfg.train.sample_rate, cfg.train.local_epochs)
     account = mechanism_account(cfg, mechanism, steps)
-    params = [p for p in model.parameters() if p.requires_grad]
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
     before = [p.detach().clone() for p in params]
+    # On LoRA's A matrices: the data's gradients there are proportional to B, which starts at zero, so the
+    # canaries' own signal stands out (the strongest placement we found; the guarantee covers any).
+    quiet = [i for i, (name, _) in enumerate(named) if "lora_A" in name]
     canaries = audit.DiracCanaries(params, m, account.max_grad_norm, account.sample_rate,
-                                   torch.Generator().manual_seed(seed))
+                                   torch.Generator().manual_seed(seed), eligible=quiet)
     start = time.perf_counter()
     train_round(model, train_set, cfg, account, seed=seed, steps=steps, on_backward=canaries.inject)
     scores = canaries.scores(before, [p.detach() for p in params])
@@ -82,7 +89,7 @@ def black_box(claimed: float, mechanism: str, m: int, k: int, seed: int) -> dict
 
     Two owners train the same number of rounds (the audited one with its canaries), the server averages
     their adapters uniformly after every round, and the adversary scores each canary on the final average."""
-    cfg = owner_cfg(claimed, "num_rounds=3")
+    cfg = owner_cfg(claimed, "num_rounds=3 train.learning_rate=0.5")
     model, tokenizer = models.build_model(cfg)
     generator = torch.Generator().manual_seed(seed)
     pool = data.synthetic_reviews(num_train=m + 400, num_test=1)[0]
@@ -141,14 +148,15 @@ def plan(quick: bool) -> list[tuple[str, str, float]]:
     return audits
 
 
-def plot(audits: list[dict], path: Path) -> None:
+def plot(audits: list[dict], path: Path, cap: float) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6, 4))
     claims = [a["claimed_epsilon"] for a in audits if a["mechanism"] == "calibrated"]
-    top = max([*claims, *(a["epsilon_lower_bound"] for a in audits)]) * 1.15
+    top = max([*claims, cap, *(a["epsilon_lower_bound"] for a in audits)]) * 1.15
     ax.plot([0, top], [0, top], color="grey", linestyle="--", label="lower bound = claimed epsilon")
+    ax.axhline(cap, color="grey", linestyle=":", label=f"largest bound these canaries can show ({cap:.2f})")
     markers = {"calibrated": "o", "no-noise": "^", "broken": "x"}
     for adversary, color in (("white-box", "tab:blue"), ("black-box", "tab:orange")):
         for mechanism, marker in markers.items():
@@ -199,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
               flush=True)
         write_json(Path(args.out), {"settings": settings, "audits": audits})  # after every audit
     if args.plot:
-        plot(audits, Path(args.plot))
+        plot(audits, Path(args.plot), cap)
     refuted = [a for a in audits if a["mechanism"] == "calibrated" and a["epsilon_lower_bound"] > a["claimed_epsilon"]]
     return 1 if refuted else 0
 
