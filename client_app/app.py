@@ -4,10 +4,21 @@ from __future__ import annotations
 
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
+from flwr.clientapp.mod import fixedclipping_mod
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from dplora import client, config
 
-app = ClientApp()
+
+def user_dp_clipping(msg: Message, context: Context, call_next) -> Message:
+    """Flower's fixedclipping_mod when the server asks for client-side clipping (strategy.user_dp.side=client),
+    i.e. when its config carries a clipping norm; otherwise the message passes through unchanged."""
+    if "config" in msg.content.config_records and KEY_CLIPPING_NORM in msg.content["config"]:
+        return fixedclipping_mod(msg, context, call_next)
+    return call_next(msg, context)
+
+
+app = ClientApp(mods=[user_dp_clipping])
 
 
 @app.train()
@@ -17,5 +28,6 @@ def train(msg: Message, context: Context) -> Message:
     node_config = client.node_settings(dict(context.node_config), str(context.run_config["output-dir"]))
     content = client.train(cfg, msg.content["arrays"], context.state, node_config=node_config,
                            server_round=int(train_config["server-round"]),
-                           run_key=str(train_config.get("run-key", "")))
+                           run_key=str(train_config.get("run-key", "")),
+                           proximal_mu=float(train_config.get("proximal-mu", 0.0)))
     return Message(content=content, reply_to=msg)

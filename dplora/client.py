@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import zlib
 from pathlib import Path
@@ -176,8 +177,11 @@ def refusal(account: PrivacyAccount, reason: str) -> RecordDict:
 
 
 def train(cfg: DictConfig, arrays: ArrayRecord, state: RecordDict, *, node_config: dict, server_round: int,
-          run_key: str = "") -> RecordDict:
-    """Train one round on this owner's data; update `state` (the privacy account) and the ledger."""
+          run_key: str = "", proximal_mu: float = 0.0) -> RecordDict:
+    """Train one round on this owner's data; update `state` (the privacy account) and the ledger.
+    `proximal_mu`: FedProx's pull towards the global adapter (sent by the server), applied outside DP."""
+    if not (math.isfinite(proximal_mu) and proximal_mu >= 0):
+        raise ValueError(f"proximal-mu from the server must be a finite number >= 0 (got {proximal_mu!r})")
     ledger = PrivacyLedger.from_node_config(node_config)
     model, tokenizer = local_model(cfg)
     models.from_arrays(model, arrays)  # every trainable tensor: nothing of an earlier round remains
@@ -207,7 +211,7 @@ def train(cfg: DictConfig, arrays: ArrayRecord, state: RecordDict, *, node_confi
         state.config_records[STATE_KEY] = account.to_record()
         return refusal(account, str(refused))
     seed = zlib.crc32(f"{cfg.seed}/{server_round}/{owner}".encode())  # dropout; DP noise uses OS entropy
-    result = train_round(model, train_set, cfg, account, seed=seed, steps=next_steps)
+    result = train_round(model, train_set, cfg, account, seed=seed, steps=next_steps, proximal_mu=proximal_mu)
     state.config_records[STATE_KEY] = account.to_record()  # survives until this owner's next round
     if ledger is not None:
         ledger.record(run_key, account, server_round)  # on the owner's disk before the reply leaves

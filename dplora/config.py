@@ -24,6 +24,7 @@ CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 TASKS = ("classification", "causal_lm")
 ACCOUNTANTS = ("prv", "rdp")
 SOURCES = ("synthetic", "local", "hub")
+USER_DP_STRATEGIES = ("fedavg", "fedprox")  # Flower's fixed-clipping accounting needs FedAvg.aggregate_train
 
 
 class ConfigError(ValueError):
@@ -129,6 +130,23 @@ def validate(cfg: DictConfig) -> None:
     _number(cfg, "strategy.fraction_train", low=0, high=1, low_open=True)
     _number(cfg, "strategy.min_clients", kind=int, low=1)
     _number(cfg, "strategy.round_timeout", low=0, low_open=True)
+    target = OmegaConf.select(cfg, "strategy.aggregator._target_")
+    if not isinstance(target, str) or not target.startswith("flwr.serverapp.strategy."):
+        raise ConfigError(f"strategy.aggregator._target_ must name one of Flower's strategies in "
+                          f"flwr.serverapp.strategy (got {target!r}); pick one with strategy=<name> (conf/strategy/)")
+    if OmegaConf.select(cfg, "strategy.max_update_norm") not in ("auto", None):
+        _number(cfg, "strategy.max_update_norm", low=0, low_open=True)
+    _choice(cfg, "strategy.update_norm_action", ("clip", "reject"))
+    if OmegaConf.select(cfg, "strategy.user_dp.enabled"):
+        if cfg.strategy.name not in USER_DP_STRATEGIES:
+            raise ConfigError(f"strategy.user_dp needs one of {', '.join(USER_DP_STRATEGIES)}: Flower's DP "
+                              f"wrappers calibrate their noise for FedAvg's mean (got strategy={cfg.strategy.name})")
+        _choice(cfg, "strategy.user_dp.side", ("server", "client"))
+        _number(cfg, "strategy.user_dp.clipping_norm", low=0, low_open=True)
+        _number(cfg, "strategy.user_dp.owners_per_round", kind=int, low=1)
+        _number(cfg, "strategy.user_dp.delta", low=0, high=1, low_open=True, high_open=True)
+        if _number(cfg, "strategy.user_dp.noise_multiplier", low=0, low_open=True, nullable=True) is None:
+            _number(cfg, "strategy.user_dp.target_epsilon", low=0, low_open=True)
     _number(cfg, "sweep.num_supernodes", kind=int, low=1)
 
     # Above 100 a guarantee is vacuous (and noise calibration degenerates): train with privacy=none instead.

@@ -4,9 +4,11 @@ metrics.json:
   {"config": <resolved config>, "initial": {accuracy, loss, macro_f1},
    "rounds": [{"round", "accuracy", "loss", "macro_f1", "epsilon" (max over clients so far; null = no DP),
                "clients": [{"node_id", "epsilon" (re-derived by the server), "noise_multiplier", "sample_rate",
-                            "steps", "delta"}],
+                            "steps", "delta", "update_norm", ["clipped_to"]}],
                "refused": [{"node_id", "reason", ...privacy record}], "failed": [{"node_id", "reason"}],
-               "aggregated" (false: fewer than min_clients trained, the adapter stayed), "seconds"}],
+               "aggregated" (false: fewer than min_clients trained, the adapter stayed), "seconds",
+               "user_level" (with strategy.user_dp: {"epsilon", "delta", "releases", "noise_multiplier",
+                             "clipping_norm", "owners_per_round", "accounting"})}],
    "run_key", "resumed_at": [rounds after which a killed run was resumed],
    "accountant": which accountant computed every client epsilon}
 """
@@ -68,11 +70,14 @@ class RunRecorder:
         return self.out_dir / "metrics.json"
 
     def record_clients(self, clients: list[dict], refused: list[dict], failed: list[dict],
-                       aggregated: bool = True) -> None:
-        """Called by the strategy after a round's replies arrive."""
+                       aggregated: bool = True, user_level: dict | None = None) -> None:
+        """Called by the strategy after a round's replies arrive. `user_level`: the user-level (DP-FedAvg)
+        guarantee so far with its inputs, when that option is on."""
         for record in clients + refused:
             self.epsilons[record["node_id"]] = record["epsilon"]
         self.pending = {"clients": clients, "refused": refused, "failed": failed, "aggregated": aggregated}
+        if user_level is not None:
+            self.pending["user_level"] = user_level
 
     def epsilon(self) -> float | None:
         """The largest epsilon any data owner has spent so far (None if no owner trains with DP)."""
@@ -80,7 +85,13 @@ class RunRecorder:
         return max(spent) if spent else None
 
     def record_round(self, server_round: int, evaluation: dict) -> None:
-        """Called after the round's global evaluation: append the round and rewrite metrics.json."""
+        """Called after the round's global evaluation: append the round and rewrite metrics.json.
+        A non-finite evaluation value (a destroyed adapter) is recorded as null, with a warning."""
+        evaluation = dict(evaluation)
+        for key, value in evaluation.items():
+            if isinstance(value, float) and not math.isfinite(value):
+                log.warning("round %d: %s is %s; recorded as null", server_round, key, value)
+                evaluation[key] = None
         if server_round == 0:
             self.data["initial"] = evaluation
         else:
@@ -90,10 +101,15 @@ class RunRecorder:
             self.data["rounds"].append(entry)
             self.pending = {}
             eps = entry["epsilon"]
-            log.info("round %d/%d: accuracy %.4f  loss %.4f  macro-F1 %.4f  epsilon %s  "
-                     "(%d trained, %d refused, %d failed)", server_round, self.num_rounds, entry["accuracy"],
-                     entry["loss"], entry["macro_f1"], "n/a (no DP)" if eps is None else f"{eps:.3f}",
-                     len(entry["clients"]), len(entry["refused"]), len(entry["failed"]))
+            shown = {k: "n/a" if entry[k] is None else f"{entry[k]:.4f}" for k in ("accuracy", "loss", "macro_f1")}
+            log.info("round %d/%d: accuracy %s  loss %s  macro-F1 %s  epsilon %s  (%d trained, %d refused, "
+                     "%d failed)", server_round, self.num_rounds, shown["accuracy"], shown["loss"],
+                     shown["macro_f1"], "n/a (no DP)" if eps is None else f"{eps:.3f}", len(entry["clients"]),
+                     len(entry["refused"]), len(entry["failed"]))
+            if "user_level" in entry:
+                log.info("round %d/%d: user-level epsilon %.3f (delta %g) after %d releases", server_round,
+                         self.num_rounds, entry["user_level"]["epsilon"], entry["user_level"]["delta"],
+                         entry["user_level"]["releases"])
         write_json(self.path, self.data)
 
 

@@ -67,17 +67,23 @@ def make_optimizer(params: list[torch.nn.Parameter], train_cfg: DictConfig) -> t
 
 
 def train_round(model: torch.nn.Module, train_set: TensorDataset, cfg: DictConfig,
-                account: PrivacyAccount, seed: int, steps: int, on_backward=None) -> dict:
+                account: PrivacyAccount, seed: int, steps: int, on_backward=None, proximal_mu: float = 0.0) -> dict:
     """Take `steps` Poisson-sampled steps on `train_set` (sample rate `account.sample_rate`); with DP if
     `account.private`. Non-private training samples the same way and averages over the drawn batch.
 
     Updates `account.steps` from the accountant. `on_backward(optimizer)`, if given, runs after each backward
-    pass, before the optimizer step (scripts/audit.py injects its gradient canaries there). Returns
-    {"steps": steps this round, "seconds": ...}.
+    pass, before the optimizer step (scripts/audit.py injects its gradient canaries there).
+
+    `proximal_mu` > 0 (FedProx): after every optimizer step each trainable tensor moves towards its value at
+    the start of the round (the global adapter) by learning_rate x mu x (w - w_global): a gradient step on
+    mu/2 ||w - w_global||^2. That term depends on no record, so it stays outside the DP mechanism (no clipping,
+    no noise): post-processing of each DP step, which costs no privacy.
+    Returns {"steps": steps this round, "seconds": ...}.
     """
     dev = device()
     torch.manual_seed(seed)  # dropout
     params = [p for p in model.parameters() if p.requires_grad]
+    anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else None
     optimizer = make_optimizer(params, cfg.train)
     accountant, module, backward = None, model, mean_backward
     if account.private:
@@ -101,6 +107,8 @@ def train_round(model: torch.nn.Module, train_set: TensorDataset, cfg: DictConfi
             if on_backward is not None:
                 on_backward(optimizer)
             optimizer.step()
+            if anchor is not None:
+                proximal_step(params, anchor, cfg.train.learning_rate * proximal_mu)
     finally:
         if accountant is not None:
             module._close()  # remove Opacus' hooks so `model` is plain again
@@ -113,6 +121,13 @@ def train_round(model: torch.nn.Module, train_set: TensorDataset, cfg: DictConfi
     if taken != steps:
         raise RuntimeError(f"planned {steps} steps, took {taken}")
     return {"steps": taken, "seconds": time.perf_counter() - start}
+
+
+@torch.no_grad()
+def proximal_step(params: list[torch.Tensor], anchor: list[torch.Tensor], rate: float) -> None:
+    """w <- w - rate (w - w_global) for every trainable tensor (FedProx's proximal term, outside DP)."""
+    for p, a in zip(params, anchor, strict=True):
+        p.sub_(rate * (p - a))
 
 
 @torch.no_grad()

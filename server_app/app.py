@@ -1,4 +1,5 @@
-"""ServerApp: compose the config, build (or resume) the adapter, run AdapterFedAvg, write results."""
+"""ServerApp: compose the config, build (or resume) the adapter, run the configured Flower strategy inside the
+project's OwnerGuard, write results."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from flwr.serverapp import Grid, ServerApp
 from dplora import config, data, models
 from dplora.results import RunRecorder, load_checkpoint, write_json
 from dplora.train import device, evaluate
-from server_app.strategy import AdapterFedAvg
+from server_app.strategy import OwnerGuard, build_strategy
 
 log = logging.getLogger("flwr.dplora.server")
 
@@ -52,9 +53,10 @@ def main(grid: Grid, context: Context) -> None:
             save_adapter(model, out_dir / "checkpoint", {"round": server_round, "run_key": run_key})
         return MetricRecord(metrics)
 
-    strategy = AdapterFedAvg(recorder, latest["arrays"], min_clients=cfg.strategy.min_clients, privacy=cfg.privacy,
-                             round_offset=done, timeout=cfg.strategy.round_timeout,
-                             fraction_train=cfg.strategy.fraction_train)
+    strategy = OwnerGuard(build_strategy(cfg), recorder, latest["arrays"], privacy=cfg.privacy,
+                          min_clients=cfg.strategy.min_clients, round_offset=done, timeout=cfg.strategy.round_timeout,
+                          max_update_norm=cfg.strategy.max_update_norm,
+                          update_norm_action=cfg.strategy.update_norm_action)
     if done < cfg.num_rounds:
         strategy.start(grid=grid, initial_arrays=latest["arrays"], num_rounds=cfg.num_rounds - done,
                        timeout=cfg.strategy.round_timeout, train_config=ConfigRecord({"run-key": run_key}),

@@ -1,30 +1,54 @@
-"""FedAvg over LoRA adapters that keeps going when clients refuse or fail, and records each client's privacy.
+"""The project's duties around any Flower strategy, by composition (as Flower's DP wrappers wrap a strategy).
 
-Owners are weighted uniformly: a reply carries no record count (it would leak the owner's exact size, which
-the DP guarantee does not cover). Every reply's epsilon is re-derived on the server from the reply's own
-(noise_multiplier, sample_rate, steps, delta) with the run's accountant; the re-derived value is recorded,
-and a reply whose claim differs from it, or that exceeds the run's target, is excluded.
+`OwnerGuard` wraps the aggregator the config names (FedAvg, FedAvgM, FedProx, FedAdam, FedMedian, Krum, ...,
+built by `build_strategy` with `hydra.utils.instantiate`), optionally inside Flower's fixed-clipping DP wrapper
+for user-level DP. Before the aggregator sees a round's replies, the guard
+- sets aside replies that carry an error (the ClientApp raised), nodes that did not reply within the round's
+  timeout, refusals (budget spent, owner's limits) and every reply that is not exactly what the protocol
+  allows: records, record types, metric keys, numbers, adapter tensor names, shapes, dtype, finite values;
+- re-derives every reply's epsilon from the reply's own (noise_multiplier, sample_rate, steps, delta) with the
+  run's accountant, records that value, and excludes a reply whose claim differs from it or exceeds the target;
+- bounds each owner's influence: equal weights (a reply carries no record count, which would leak the owner's
+  exact size), and each update (reply minus the current global adapter) clipped to, or rejected beyond,
+  `strategy.max_update_norm`;
+- records all of it in metrics.json with node ids, and keeps the adapter as it was when fewer than
+  `min_clients` owners trained or when the aggregator fails. No reply can make a round raise.
+Server-side evaluation replaces federated evaluation, so clients never report metrics computed on their data.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import statistics
 from collections.abc import Iterable
 from functools import lru_cache
 
+import hydra.utils
+import torch
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import (
+    DifferentialPrivacyClientSideFixedClipping,
+    DifferentialPrivacyServerSideFixedClipping,
+    Strategy,
+)
+from flwr.supercore.privacy_accounting import NeighboringRelation, PrivacyConfig, SamplingMethod
+from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
+from omegaconf import DictConfig
 
 from dplora.client import ARRAYS, METRICS, STATUS
 from dplora.models import check_adapter
 from dplora.privacy import epsilon as derive_epsilon
 from dplora.results import PRIVACY_KEYS, RunRecorder, client_record
 
-WEIGHT = "weight"  # the key FedAvg weights by: 1 for every owner (set by the server, not sent by owners)
-EPSILON_TOLERANCE = 0.01  # largest relative difference between a claimed and the re-derived epsilon
-
 log = logging.getLogger(f"flwr.{__name__}")  # under Flower's logger: shown by `flwr run --stream`
+
+WEIGHT = "weight"  # the key the aggregator weights by: 1 for every owner (set by the server, not sent by owners)
+EPSILON_TOLERANCE = 0.01  # largest relative difference between a claimed and the re-derived epsilon
+AUTO_BOUND_FACTOR = 3.0  # max_update_norm=auto: this many times the round's median update norm
+AUTO_BOUND_MIN_REPLIES = 3  # ... when at least this many replies make the median meaningful
+
+_epsilon = lru_cache(maxsize=4096)(derive_epsilon)  # the same parameters recur across rounds and owners
 
 
 def privacy_summary(records: list[RecordDict], weighted_by_key: str) -> MetricRecord:
@@ -33,37 +57,85 @@ def privacy_summary(records: list[RecordDict], weighted_by_key: str) -> MetricRe
     return MetricRecord({"clients": len(metrics), "epsilon-max": max(float(m["epsilon"]) for m in metrics)})
 
 
-_epsilon = lru_cache(maxsize=4096)(derive_epsilon)  # the same parameters recur across rounds and owners
+def user_level_accountant(delta: float, population: int) -> RdpAccountant:
+    """Flower's RDP accountant for DP-FedAvg releases (no amplification: every release counted in full)."""
+    return RdpAccountant(PrivacyConfig(target_delta=delta, population_size=population,
+                                       neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
+                                       sampling_method=SamplingMethod.NO_AMPLIFICATION))
 
 
-class AdapterFedAvg(FedAvg):
-    """Message-API FedAvg that averages the adapter tensors, every owner with the same weight.
+def user_level_epsilon(noise_multiplier: float, releases: int, delta: float, population: int = 1) -> float:
+    from flwr.supercore.privacy_accounting import GaussianPrivacyEvent
+    accountant = user_level_accountant(delta, population)
+    if releases:
+        accountant.compose(GaussianPrivacyEvent(noise_multiplier, population, population), releases)
+    return accountant.get_epsilon(delta) if releases else 0.0
 
-    Before averaging it sets aside replies that carry an error (the ClientApp raised), invalid replies,
-    replies that refuse to train (privacy budget spent) and nodes that did not reply within the round's
-    timeout; all are logged with the node id and recorded in metrics.json, and the round goes on with the
-    rest if at least `min_clients` trained (else the global adapter stays as it was). Server-side evaluation replaces federated evaluation (`fraction_evaluate=0`), so clients
-    never report metrics computed on their private data.
-    """
 
-    def __init__(self, recorder: RunRecorder, reference: ArrayRecord, *, min_clients: int, privacy,
-                 round_offset: int = 0, timeout: float = 3600, **kwargs):
-        """`privacy`: the run's privacy config (target_epsilon, delta, accountant), which every reply's
-        privacy record is checked against."""
-        super().__init__(fraction_evaluate=0.0, train_metrics_aggr_fn=privacy_summary, weighted_by_key=WEIGHT,
-                         min_train_nodes=min_clients, min_available_nodes=min_clients, **kwargs)
-        self.privacy = privacy
-        self.recorder = recorder
+def user_level_noise(target_epsilon: float, releases: int, delta: float) -> float:
+    """The smallest noise multiplier (to 0.1%) whose `releases` Gaussian releases stay within the target."""
+    low, high = 0.01, 1.0
+    while user_level_epsilon(high, releases, delta) > target_epsilon:
+        low, high = high, 2 * high
+        if high > 1e4:
+            raise ValueError(f"no noise multiplier reaches user-level epsilon {target_epsilon} in {releases} rounds")
+    while high - low > 1e-3 * high:
+        mid = (low + high) / 2
+        low, high = (mid, high) if user_level_epsilon(mid, releases, delta) > target_epsilon else (low, mid)
+    return high
+
+
+def build_strategy(cfg: DictConfig) -> Strategy:
+    """The configured Flower aggregator (conf/strategy/), wrapped in Flower's DP-FedAvg wrapper if user-level DP
+    is on. Every owner has the same weight, as Flower's wrappers require for their noise calibration."""
+    common = {"fraction_train": cfg.strategy.fraction_train, "fraction_evaluate": 0.0,
+              "min_train_nodes": cfg.strategy.min_clients, "min_available_nodes": cfg.strategy.min_clients,
+              "weighted_by_key": WEIGHT, "train_metrics_aggr_fn": privacy_summary}
+    aggregator = hydra.utils.instantiate(cfg.strategy.aggregator, **common)
+    user = cfg.strategy.user_dp
+    if not user.enabled:
+        return aggregator
+    owners = int(user.owners_per_round)
+    sigma = user.noise_multiplier
+    if sigma is None:
+        sigma = user_level_noise(user.target_epsilon, cfg.num_rounds, user.delta)
+    wrapper = (DifferentialPrivacyServerSideFixedClipping if user.side == "server"
+               else DifferentialPrivacyClientSideFixedClipping)
+    return wrapper(aggregator, noise_multiplier=float(sigma), clipping_norm=float(user.clipping_norm),
+                   num_sampled_clients=owners, accountant=user_level_accountant(user.delta, owners))
+
+
+class OwnerGuard(Strategy):
+    """Screens, bounds and records the replies of every round, then lets `strategy` aggregate the good ones."""
+
+    def __init__(self, strategy: Strategy, recorder: RunRecorder, reference: ArrayRecord, *, privacy: DictConfig,
+                 min_clients: int, round_offset: int = 0, timeout: float = 3600,
+                 max_update_norm: float | str | None = None, update_norm_action: str = "clip"):
+        """`privacy`: the run's privacy config (target_epsilon, delta, accountant), which every reply's privacy
+        record is checked against. `round_offset`: a resumed run's rounds continue the numbering of the first."""
+        self.strategy, self.recorder, self.privacy = strategy, recorder, privacy
         self.reference = reference.to_torch_state_dict()  # the adapter's keys, shapes and dtypes
-        self.min_clients = min_clients  # fewer good replies than this: the round keeps the old adapter
-        self.round_offset = round_offset  # a resumed run's rounds continue the numbering of the first
-        self.timeout = timeout
+        self.min_clients, self.round_offset, self.timeout = min_clients, round_offset, timeout
+        self.max_update_norm, self.update_norm_action = max_update_norm, update_norm_action
         self.sent: set[int] = set()
+        self.current: dict[str, torch.Tensor] = self.reference
+
+    def summary(self) -> None:
+        log.info("OwnerGuard around %s: equal weights, re-derived epsilons, update norm bound %s (%s)",
+                 type(self.strategy).__name__, self.max_update_norm, self.update_norm_action)
+        self.strategy.summary()
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config, grid) -> Iterable[Message]:
-        messages = list(super().configure_train(server_round + self.round_offset, arrays, config, grid))
+        self.current = arrays.to_torch_state_dict()
+        messages = list(self.strategy.configure_train(server_round + self.round_offset, arrays, config, grid))
         self.sent = {msg.metadata.dst_node_id for msg in messages}
         return messages
+
+    def configure_evaluate(self, server_round, arrays, config, grid) -> Iterable[Message]:
+        return []  # the server evaluates the global adapter itself
+
+    def aggregate_evaluate(self, server_round, replies) -> MetricRecord | None:
+        return None
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -77,7 +149,7 @@ class AdapterFedAvg(FedAvg):
             node = msg.metadata.src_node_id
             if msg.has_error():
                 log.warning("round %d: node %d failed: %s", server_round, node, msg.error.reason)
-                failed.append({"node_id": node, "reason": msg.error.reason})
+                failed.append({"node_id": node, "reason": str(msg.error.reason)})
                 continue
             problem = self.invalid(msg.content)
             derived = None
@@ -93,18 +165,80 @@ class AdapterFedAvg(FedAvg):
                 log.warning("round %d: node %d refused: %s", server_round, node, reason)
                 refused.append({**record, "reason": reason})
                 continue
-            # What the Flower strategy sees: the adapter, a uniform weight and the re-derived epsilon.
-            msg.content = RecordDict({ARRAYS: msg.content[ARRAYS], METRICS: MetricRecord(
+            trained.append((msg, record, self.update(msg.content[ARRAYS]), derived))
+        trained = self.bound_updates(server_round, trained, failed)
+        for msg, record, update, derived in trained:
+            # What the aggregator sees: the (bounded) adapter, an equal weight and the re-derived epsilon.
+            arrays = ArrayRecord({k: (self.current[k] + update[k].float()).contiguous() for k in self.current})
+            msg.content = RecordDict({ARRAYS: arrays, METRICS: MetricRecord(
                 {WEIGHT: 1, "epsilon": math.inf if derived is None else derived})})
-            trained.append(msg)
             clients.append(record)
-        aggregate = len(trained) >= self.min_clients
-        self.recorder.record_clients(clients, refused, failed, aggregated=aggregate)
-        if not aggregate:
+        result: tuple[ArrayRecord | None, MetricRecord | None] = (None, None)
+        if len(trained) < self.min_clients:
             log.warning("round %d: %d client(s) trained, fewer than min_clients=%d; the global adapter is "
                         "unchanged", server_round, len(trained), self.min_clients)
-            return None, None
-        return super().aggregate_train(server_round, trained)
+        else:
+            try:
+                result = self.strategy.aggregate_train(server_round, [t[0] for t in trained])
+            except Exception as err:  # noqa: BLE001 - the round is lost, not the run
+                log.error("round %d: %s failed to aggregate (%s: %s); the global adapter is unchanged",
+                          server_round, type(self.strategy).__name__, type(err).__name__, err)
+            if result[0] is not None and (problem := self.non_finite(result[0])):
+                log.error("round %d: the aggregate %s; the global adapter is unchanged", server_round, problem)
+                result = (None, None)
+        self.recorder.record_clients(clients, refused, failed, aggregated=result[0] is not None,
+                                     user_level=self.user_level())
+        return result
+
+    # -- influence ---------------------------------------------------------------------------------------
+
+    def update(self, arrays: ArrayRecord) -> dict[str, torch.Tensor]:
+        """The owner's update, reply minus the current global adapter, in float64 (no overflow in its norm)."""
+        state = arrays.to_torch_state_dict()
+        return {k: state[k].double() - self.current[k].double() for k in self.current}
+
+    def bound_updates(self, server_round: int, trained: list, failed: list) -> list:
+        """Clip (or reject) every update whose L2 norm exceeds the round's bound; record the norms."""
+        norms = [math.sqrt(sum(float((u * u).sum()) for u in update.values())) for _, _, update, _ in trained]
+        bound = self.max_update_norm
+        if bound == "auto":
+            bound = (AUTO_BOUND_FACTOR * statistics.median(norms) if len(norms) >= AUTO_BOUND_MIN_REPLIES
+                     else None)
+        kept = []
+        for (msg, record, update, derived), norm in zip(trained, norms, strict=True):
+            record["update_norm"] = norm
+            if bound is not None and norm > bound:
+                node = msg.metadata.src_node_id
+                if self.update_norm_action == "reject":
+                    log.warning("round %d: node %d's update norm %.4g exceeds the bound %.4g: excluded",
+                                server_round, node, norm, bound)
+                    failed.append({"node_id": node, "reason": f"update norm {norm:.4g} above the bound {bound:.4g}"})
+                    continue
+                log.warning("round %d: node %d's update norm %.4g clipped to %.4g", server_round, node, norm, bound)
+                update = {k: u * (bound / norm) for k, u in update.items()}
+                record["clipped_to"] = bound
+            kept.append((msg, record, update, derived))
+        return kept
+
+    def user_level(self) -> dict | None:
+        """The user-level (DP-FedAvg) guarantee so far, with the inputs that re-derive it, or None."""
+        accountant = getattr(self.strategy, "accountant", None)
+        if accountant is None:
+            return None
+        spent = accountant.get_privacy_spent()
+        return {"epsilon": spent.epsilon, "delta": spent.delta, "releases": spent.num_releases,
+                "noise_multiplier": self.strategy.noise_multiplier, "clipping_norm": self.strategy.clipping_norm,
+                "owners_per_round": self.strategy.num_sampled_clients,
+                "accounting": "Flower RdpAccountant, Gaussian mechanism, no amplification by sampling"}
+
+    @staticmethod
+    def non_finite(arrays: ArrayRecord) -> str | None:
+        for key, value in arrays.to_torch_state_dict().items():
+            if not torch.isfinite(value).all():
+                return f"tensor {key} has non-finite values"
+        return None
+
+    # -- screening ---------------------------------------------------------------------------------------
 
     def invalid(self, content: RecordDict) -> str | None:
         """Why a reply cannot be aggregated or recorded, or None if it is well formed."""

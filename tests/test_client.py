@@ -163,3 +163,19 @@ def test_ledger_refuses_non_private_training_and_rejects_bad_files(tiny_cfg, tmp
         PrivacyLedger.from_node_config({"privacy-budget": 3})
     with pytest.raises(LedgerError, match="positive"):
         PrivacyLedger.from_node_config({"privacy-ledger": str(tmp_path / "l.json"), "privacy-budget": -1})
+
+
+def test_fedprox_pull_is_applied_outside_dp_after_every_step(tiny_cfg):
+    """mu = 1 / learning rate pulls the adapter all the way back to the global one after each step: the reply is
+    the global adapter, while the DP mechanism still ran (steps, noise) and was accounted in full."""
+    model, _ = models.build_model(tiny_cfg)
+    arrays = models.to_arrays(model)
+    mu = 1 / tiny_cfg.train.learning_rate
+    reply = client.train(tiny_cfg, arrays, RecordDict(), node_config=SIM, server_round=1, proximal_mu=mu)
+    back, start = reply[client.ARRAYS].to_torch_state_dict(), arrays.to_torch_state_dict()
+    assert all(back[k].allclose(start[k], atol=1e-6) for k in start)
+    assert reply[client.METRICS]["steps"] > 0 and reply[client.METRICS]["noise_multiplier"] > 0
+    free = client.train(tiny_cfg, arrays, RecordDict(), node_config=SIM, server_round=1)
+    assert any(not free[client.ARRAYS].to_torch_state_dict()[k].allclose(start[k]) for k in start)
+    with pytest.raises(ValueError, match="proximal-mu"):
+        client.train(tiny_cfg, arrays, RecordDict(), node_config=SIM, server_round=1, proximal_mu=float("nan"))

@@ -48,7 +48,7 @@ def test_flwr_run_simulation_end_to_end(superlink_env, tmp_path):
         assert 0 <= entry["accuracy"] <= 1 and entry["loss"] > 0
         assert entry["epsilon"] == max(c["epsilon"] for c in entry["clients"])
         for c in entry["clients"]:
-            assert set(c) == {"node_id", "epsilon", "noise_multiplier", "sample_rate", "steps", "delta"}
+            assert set(c) == {"node_id", "epsilon", "noise_multiplier", "sample_rate", "steps", "delta", "update_norm"}
             assert c["sample_rate"] == 16 / 100 and c["delta"] == 1e-5 and c["noise_multiplier"] > 0
     first, last = metrics["rounds"][0]["clients"], metrics["rounds"][1]["clients"]
     assert {c["node_id"]: 2 * c["steps"] for c in first} == {c["node_id"]: c["steps"] for c in last}
@@ -116,6 +116,22 @@ def test_server_killed_after_round_1_resumes_without_losing_a_round_or_a_budget(
     for entry in ledgers:  # no owner spent more than the run planned, and both went on after the restart
         assert entry["round"] > done and 0 < entry["steps"] <= entry["planned_steps"]
     assert json.loads((out / "adapter" / "round.json").read_text())["round"] == 3
+
+
+def test_fedprox_with_user_level_dp_end_to_end(superlink_env, tmp_path):
+    """Another Flower strategy by config, inside Flower's DP-FedAvg wrapper: both guarantees are recorded and
+    re-derive with the independent accountants."""
+    overrides = (f"{OVERRIDES} strategy=fedprox strategy.user_dp.enabled=true strategy.user_dp.owners_per_round=2 "
+                 "strategy.user_dp.target_epsilon=10 strategy.user_dp.clipping_norm=0.5")
+    metrics = flwr_run(overrides, tmp_path / "run", num_supernodes=2, env=superlink_env, timeout=600)
+    assert metrics["config"]["strategy"]["aggregator"]["_target_"] == "flwr.serverapp.strategy.FedProx"
+    users = [r["user_level"] for r in metrics["rounds"]]
+    assert [u["releases"] for u in users] == [1, 2] and users[0]["epsilon"] < users[1]["epsilon"] <= 10
+    assert all(len(r["clients"]) == 2 and r["aggregated"] for r in metrics["rounds"])
+    verify = subprocess.run([sys.executable, "scripts/verify_privacy.py", str(tmp_path / "run" / "metrics.json")],
+                            cwd=ROOT, capture_output=True, text=True)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    assert "user-level, round 2" in verify.stdout
 
 
 def test_impossible_min_clients_fails_before_flower_starts(tmp_path):

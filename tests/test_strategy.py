@@ -1,5 +1,6 @@
 """The server's strategy: averages adapters, sets aside refusals and failures, records client privacy."""
 
+import functools
 import json
 import math
 import re
@@ -10,16 +11,24 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageTy
 
 from omegaconf import OmegaConf
 
-from dplora import privacy
+from dplora import config, privacy
 from dplora.results import RunRecorder
-from server_app import strategy as strategy_module
+from server_app.strategy import OwnerGuard, build_strategy
 
 DP = OmegaConf.create({"target_epsilon": 8.0, "delta": 1e-5, "accountant": "prv"})
 NON_PRIVATE = OmegaConf.create({"target_epsilon": None, "delta": 1e-5, "accountant": "prv"})
 
 
-def AdapterFedAvg(recorder, reference, *, privacy=DP, **kwargs):  # noqa: N802 - the strategy, with a DP run's config
-    return strategy_module.AdapterFedAvg(recorder, reference, privacy=privacy, **kwargs)
+@functools.lru_cache(maxsize=None)
+def _compose(overrides: str):
+    return config.compose(overrides)
+
+
+def AdapterFedAvg(recorder, reference, *, privacy=DP, min_clients=1, strategy="fedavg", overrides="",  # noqa: N802
+                  **kwargs):
+    """The server's strategy as the ServerApp builds it: a Flower aggregator from conf/strategy/ in OwnerGuard."""
+    cfg = _compose(f"strategy={strategy} strategy.min_clients={min_clients} {overrides}")
+    return OwnerGuard(build_strategy(cfg), recorder, reference, privacy=privacy, min_clients=min_clients, **kwargs)
 
 
 @pytest.fixture(autouse=True)
@@ -38,9 +47,14 @@ def _reply(node_id: int, content: RecordDict | Error) -> Message:
 REFERENCE = ArrayRecord({"w": Array(np.zeros((2, 2), dtype=np.float32))})
 
 
+@functools.lru_cache(maxsize=None)
+def _epsilon(sigma, steps):
+    return privacy.epsilon(sigma, 0.1, steps, 1e-5, "prv")
+
+
 def _privacy(steps=10, sigma=1.1):
     """An honest privacy record: the epsilon its own parameters give (inf: no DP)."""
-    eps = privacy.epsilon(sigma, 0.1, steps, 1e-5, "prv") if sigma else math.inf
+    eps = _epsilon(sigma, steps) if sigma else math.inf
     return {"epsilon": eps, "noise_multiplier": sigma, "sample_rate": 0.1, "steps": steps, "delta": 1e-5}
 
 
@@ -145,3 +159,120 @@ def test_nodes_that_never_reply_are_recorded_as_failed(tmp_path):
     entry = json.loads(recorder.path.read_text())["rounds"][0]
     assert entry["aggregated"] is True
     assert entry["failed"] == [{"node_id": 7, "reason": "no reply within the round timeout (30s)"}]
+
+
+# ------------------------------------------------------------------ one malicious owner among five
+
+def _flat(arrays):
+    return arrays["w"].numpy().astype(np.float64)
+
+
+MALICIOUS = {
+    "x1e6": lambda: _trained(5, 1.1e6),
+    "1e30": lambda: _trained(5, 1e30),
+    "sign flip x100": lambda: _trained(5, -110.0),
+    "huge weight claim": lambda: _reply(5, _with(metrics={"num-examples": 1e300})),
+    "extra metric": lambda: _reply(5, _with(metrics={"loss": 0.1})),
+    "metrics as ConfigRecord": lambda: _reply(5, RecordDict({"arrays": ArrayRecord({"w": Array(np.ones((2, 2), np.float32))}),
+                                                             "metrics": ConfigRecord(_privacy())})),
+}
+
+
+class FiveOwners:
+    """What FedAvg's configure_train needs of a Grid: five connected nodes."""
+
+    @staticmethod
+    def get_node_ids():
+        return [1, 2, 3, 4, 5]
+
+
+@pytest.mark.parametrize("attack", list(MALICIOUS))
+@pytest.mark.parametrize("strategy", ["fedavg", "fedavgm", "fedadam", "fedprox", "fedmedian", "fedtrimmedavg", "krum",
+                                      "multikrum", "bulyan"])
+def test_one_malicious_owner_cannot_crash_a_round_or_move_the_model_beyond_the_bound(tmp_path, attack, strategy):
+    recorder = RunRecorder(tmp_path, {}, num_rounds=3, run_key="k")
+    overrides = "strategy.aggregator.num_malicious_nodes=0" if strategy == "bulyan" else ""  # n >= 4f + 3
+    guard = AdapterFedAvg(recorder, REFERENCE, min_clients=2, strategy=strategy, overrides=overrides,
+                          max_update_norm="auto")
+    honest = [1.0, 1.1, 1.2, 0.9]  # adapters of value v everywhere
+    current = REFERENCE
+    for server_round in (1, 2, 3):  # every round finishes and aggregates
+        guard.configure_train(server_round, current, ConfigRecord(), FiveOwners())
+        replies = [_trained(i + 1, v) for i, v in enumerate(honest)] + [MALICIOUS[attack]()]
+        arrays, _ = guard.aggregate_train(server_round, replies)
+        assert arrays is not None and np.isfinite(_flat(arrays)).all()
+        kept = recorder.pending["clients"]
+        assert len(kept) + len(recorder.pending["failed"]) == 5
+        bound = max(c.get("clipped_to", c["update_norm"]) for c in kept)
+        if strategy not in ("fedavgm", "fedadam"):  # averaging: the aggregate moves at most the bound
+            assert np.linalg.norm(_flat(arrays) - _flat(current)) <= bound * (1 + 1e-6)
+        recorder.record_round(server_round, {"accuracy": 0.5, "loss": 1.0, "macro_f1": 0.4})
+        current = arrays
+    if strategy in ("fedmedian", "fedtrimmedavg", "krum", "multikrum"):  # robust: at the honest owners' values
+        assert 0.9 <= _flat(current).mean() <= 1.2
+    else:  # the bound keeps the attacker to at most 3 x the median update
+        assert abs(_flat(current).mean()) < 10
+
+
+def test_update_norm_bound_rejects_or_clips_as_configured(tmp_path):
+    for action, expected in (("clip", (1.0 + 2.0 + 4.0) / 3), ("reject", (1.0 + 2.0) / 2)):
+        recorder = RunRecorder(tmp_path / action, {}, num_rounds=1, run_key="k")
+        guard = AdapterFedAvg(recorder, REFERENCE, max_update_norm=8.0, update_norm_action=action)
+        arrays, _ = guard.aggregate_train(1, [_trained(1, 1.0), _trained(2, 2.0), _trained(3, 40.0)])
+        np.testing.assert_allclose(_flat(arrays), np.full((2, 2), expected), rtol=1e-6)  # 40 -> norm 80 > 8
+        recorder.record_round(1, {"accuracy": 0.5, "loss": 1.0, "macro_f1": 0.4})
+        entry = json.loads(recorder.path.read_text())["rounds"][0]
+        assert [c["update_norm"] for c in entry["clients"]][:2] == [pytest.approx(2.0), pytest.approx(4.0)]
+        if action == "reject":
+            assert "above the bound" in entry["failed"][0]["reason"]
+        else:
+            assert entry["clients"][2]["clipped_to"] == 8.0
+
+
+def test_a_failing_aggregator_loses_the_round_not_the_run(tmp_path, monkeypatch):
+    recorder = RunRecorder(tmp_path, {}, num_rounds=1, run_key="k")
+    guard = AdapterFedAvg(recorder, REFERENCE)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+    monkeypatch.setattr(guard.strategy, "aggregate_train", broken)
+    assert guard.aggregate_train(1, [_trained(1, 1.0)]) == (None, None)
+    recorder.record_round(1, {"accuracy": 0.5, "loss": float("nan"), "macro_f1": 0.4})
+    entry = json.loads(recorder.path.read_text())["rounds"][0]  # valid JSON: the NaN loss is null
+    assert entry["aggregated"] is False and entry["loss"] is None
+
+
+def test_user_level_dp_wraps_the_aggregator_and_reports_its_epsilon(tmp_path):
+    from server_app.strategy import user_level_epsilon
+    recorder = RunRecorder(tmp_path, {}, num_rounds=2, run_key="k")
+    guard = AdapterFedAvg(recorder, REFERENCE, min_clients=2, overrides=(
+        "num_rounds=2 strategy.user_dp.enabled=true strategy.user_dp.owners_per_round=2 "
+        "strategy.user_dp.target_epsilon=4 strategy.user_dp.clipping_norm=1.0"))
+    sigma = guard.strategy.noise_multiplier
+
+    class TwoOwners:
+        @staticmethod
+        def get_node_ids():
+            return [1, 2]
+    for server_round in (1, 2):
+        guard.configure_train(server_round, REFERENCE, ConfigRecord(), TwoOwners())
+        arrays, _ = guard.aggregate_train(server_round, [_trained(1, 1.0), _trained(2, 3.0)])
+        assert arrays is not None  # clipped to norm 1 each, then Gaussian noise
+        recorder.record_round(server_round, {"accuracy": 0.5, "loss": 1.0, "macro_f1": 0.4})
+    user = json.loads(recorder.path.read_text())["rounds"][-1]["user_level"]
+    assert user["releases"] == 2 and user["noise_multiplier"] == sigma and user["clipping_norm"] == 1.0
+    assert user["epsilon"] == pytest.approx(user_level_epsilon(sigma, 2, 1e-5), rel=1e-6)
+    assert 3.9 <= user["epsilon"] <= 4.0  # calibrated to the target over the run's rounds
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ("strategy=fedadam strategy.user_dp.enabled=true", "strategy.user_dp needs one of fedavg, fedprox"),
+    ("strategy.max_update_norm=-1", "strategy.max_update_norm"),
+    ("strategy.update_norm_action=ignore", "strategy.update_norm_action"),
+    ("strategy.aggregator._target_=os.system", "strategy.aggregator._target_"),
+    ("strategy=nonexistent", "strategy"),
+    ("strategy.user_dp.enabled=true strategy.user_dp.clipping_norm=0", "strategy.user_dp.clipping_norm"),
+])
+def test_bad_strategy_settings_name_the_key(overrides, message):
+    with pytest.raises(config.ConfigError, match=message):
+        config.compose(overrides)
