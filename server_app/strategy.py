@@ -127,7 +127,12 @@ class OwnerGuard(Strategy):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config, grid) -> Iterable[Message]:
         self.current = arrays.to_torch_state_dict()
-        messages = list(self.strategy.configure_train(server_round + self.round_offset, arrays, config, grid))
+        try:
+            messages = list(self.strategy.configure_train(server_round + self.round_offset, arrays, config, grid))
+        except ValueError as err:  # e.g. user-level DP: fewer owners connected than owners_per_round
+            log.error("round %d: %s could not configure the round (%s); no owner trains in it",
+                      server_round + self.round_offset, type(self.strategy).__name__, err)
+            messages = []
         self.sent = {msg.metadata.dst_node_id for msg in messages}
         return messages
 

@@ -276,3 +276,16 @@ def test_user_level_dp_wraps_the_aggregator_and_reports_its_epsilon(tmp_path):
 def test_bad_strategy_settings_name_the_key(overrides, message):
     with pytest.raises(config.ConfigError, match=message):
         config.compose(overrides)
+
+
+def test_user_level_dp_with_fewer_owners_than_planned_skips_the_round(tmp_path):
+    recorder = RunRecorder(tmp_path, {}, num_rounds=1, run_key="k")
+    guard = AdapterFedAvg(recorder, REFERENCE, min_clients=2, overrides=(
+        "strategy.user_dp.enabled=true strategy.user_dp.owners_per_round=5 strategy.user_dp.noise_multiplier=1.0"))
+
+    class TwoOwners:
+        @staticmethod
+        def get_node_ids():
+            return [1, 2]
+    assert list(guard.configure_train(1, REFERENCE, ConfigRecord(), TwoOwners())) == []  # logged, not raised
+    assert guard.aggregate_train(1, []) == (None, None)
