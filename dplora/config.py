@@ -122,6 +122,7 @@ def validate(cfg: DictConfig) -> None:
     _number(cfg, "train.local_epochs", kind=int, low=1)
     _number(cfg, "train.batch_size", kind=int, low=1)
     _number(cfg, "train.sample_rate", low=0, high=1, low_open=True, nullable=True)
+    _number(cfg, "train.micro_batch_size", kind=int, low=1)
     _number(cfg, "train.learning_rate", low=0, low_open=True)
     _number(cfg, "train.weight_decay", low=0)
     _choice(cfg, "train.optimizer", ("adamw", "sgd"))

@@ -14,6 +14,7 @@ the Poisson-subsampled Gaussian mechanism (see scripts/verify_privacy.py).
 
 from __future__ import annotations
 
+import logging
 import math
 import secrets
 import warnings
@@ -32,6 +33,20 @@ from opacus.validators import ModuleValidator
 from torch.utils.data import Dataset
 
 STATE_KEY = "privacy"  # key of the account's ConfigRecord in context.state
+
+
+def _drop_opacus_root_handler() -> None:
+    """Opacus calls logging.basicConfig when imported (opacus/utils/module_utils.py), which gives the root logger a
+    handler of its own: every Flower log line, which propagates to the root, then printed twice (once as
+    `MM/DD/YYYY hh:mm:ss:INFO:...`). Remove exactly that handler; Flower's own stays."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if type(handler) is logging.StreamHandler and getattr(handler.formatter, "_fmt", None) == OPACUS_LOG_FORMAT:
+            root.removeHandler(handler)
+
+
+OPACUS_LOG_FORMAT = "%(asctime)s:%(levelname)s:%(message)s"
+_drop_opacus_root_handler()
 
 # How Opacus computes per-example gradient norms. `auto` picks from scripts/bench.py's measurements
 # on a 2-core CPU (docs/PERFORMANCE.md): LoRA's per-example gradients are r x d per layer, so materializing

@@ -13,7 +13,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 
 from .data import IGNORE_INDEX
 from .privacy import PrivacyAccount, empty_gradients, grad_sample_mode, mean_backward, poisson_batches
@@ -34,6 +34,18 @@ def trim_padding(batch: list[torch.Tensor], dev: torch.device) -> list[torch.Ten
     if labels.dim() == 2:
         return [ids[:, -width:], mask[:, -width:], labels[:, -width:]]
     return [ids[:, :width], mask[:, :width], labels]
+
+
+def micro_batches(batch: list[torch.Tensor], size: int, dev: torch.device) -> list[list[torch.Tensor]]:
+    """The batch's examples sorted by length (longest first) and cut into micro-batches of at most `size`
+    examples, each trimmed to its own longest example: little compute goes to padding."""
+    order = torch.argsort(batch[1].sum(dim=1), descending=True, stable=True)
+    return [trim_padding([t[part] for t in batch], dev) for part in order.split(size)]
+
+
+def padded_tokens(parts: list[list[torch.Tensor]]) -> int:
+    """Token positions computed for these (micro-)batches: rows x width each."""
+    return sum(part[0].shape[0] * part[0].shape[1] for part in parts)
 
 
 def sequence_losses(model: torch.nn.Module, batch: list[torch.Tensor], task: str,
@@ -71,6 +83,13 @@ def train_round(model: torch.nn.Module, train_set: TensorDataset, cfg: DictConfi
     """Take `steps` Poisson-sampled steps on `train_set` (sample rate `account.sample_rate`); with DP if
     `account.private`. Non-private training samples the same way and averages over the drawn batch.
 
+    Each Poisson batch is computed as length-sorted micro-batches of `train.micro_batch_size` examples, each
+    trimmed to its longest example, and makes one step. With DP this is Opacus' own virtual-step mechanism:
+    every micro-batch but the last is clipped and added to the running sum with the step skipped
+    (`signal_skip_step`); the last adds its clipped gradients, then the noise is added once, the sum divided by
+    the expected batch size once, and the accountant steps once. Per-example clipping makes that the same
+    mechanism, and the same update, as one pass over the whole batch (tests/test_privacy.py checks it).
+
     Updates `account.steps` from the accountant. `on_backward(optimizer)`, if given, runs after each backward
     pass, before the optimizer step (scripts/audit.py injects its gradient canaries there).
 
@@ -99,7 +118,17 @@ def train_round(model: torch.nn.Module, train_set: TensorDataset, cfg: DictConfi
             taken += 1
             optimizer.zero_grad(set_to_none=True)
             if batch[0].shape[0] > 0:
-                backward(sequence_losses(module, trim_padding(batch, dev), cfg.model.task))
+                parts = micro_batches(batch, cfg.train.micro_batch_size, dev)
+                for i, part in enumerate(parts):
+                    losses = sequence_losses(module, part, cfg.model.task)
+                    if accountant is None:  # the batch's mean loss, accumulated over its micro-batches
+                        (losses.sum() / batch[0].shape[0]).backward()
+                        continue
+                    backward(losses)
+                    if i < len(parts) - 1:  # clip and add to the sum; noise and accountant at the last one
+                        optimizer.signal_skip_step(do_skip=True)
+                        optimizer.step()
+                        optimizer.zero_grad(set_to_none=True)
             elif accountant is not None:  # an empty Poisson batch is still a DP step: noise, accountant
                 empty_gradients(optimizer)
             else:
@@ -142,15 +171,20 @@ def evaluate(model: torch.nn.Module, eval_sets: list[TensorDataset], labels: tor
     was_training = model.training
     model.eval()
     scores = []
-    for eval_set in eval_sets:
+    for eval_set in eval_sets:  # length-sorted batches, each trimmed to its longest example; order restored
+        tensors = eval_set.tensors
+        order = torch.argsort(tensors[1].sum(dim=1), descending=True, stable=True)
         out = []
-        for batch in DataLoader(eval_set, batch_size=cfg.eval.batch_size):
-            batch = trim_padding(batch, dev)
+        for part in order.split(cfg.eval.batch_size):
+            batch = trim_padding([t[part] for t in tensors], dev)
             if task == "classification":
                 out.append(model(input_ids=batch[0], attention_mask=batch[1]).logits.float().cpu())
             else:
                 out.append(-sequence_losses(model, batch, task).cpu())
-        scores.append(torch.cat(out))
+        sorted_scores = torch.cat(out)
+        restored = torch.empty_like(sorted_scores)
+        restored[order] = sorted_scores
+        scores.append(restored)
     if task == "classification":
         scores = scores[0]
         loss = float(F.cross_entropy(scores, labels))

@@ -13,6 +13,11 @@ side by side in this one run (docs/PERFORMANCE.md).
 4. Flower overhead: wall time of `flwr run` (a local simulation) / the same training, aggregation and
    evaluation in a plain Python loop (a separate process, calling the same dplora functions).
 5. round time vs number of sampled clients (fixed data per client), with a least-squares line.
+6. padding: for FPB and SST-2 (../shared/data; the synthetic set where absent), token positions computed per
+   real token, and training examples per second, with each Poisson batch computed as length-sorted
+   micro-batches (the product) against one pass padded to the batch's longest example (before); the same
+   batches for both (non-private, seeded), interleaved repeats; and the DP / non-private ratio of the
+   micro-batched training.
 """
 
 from __future__ import annotations
@@ -42,12 +47,22 @@ from dplora.privacy import (
     grad_sample_mode,
     mean_backward,
 )
-from dplora.train import device, evaluate, make_optimizer, sequence_losses, trim_padding
+from dplora.train import (
+    device,
+    evaluate,
+    make_optimizer,
+    micro_batches,
+    padded_tokens,
+    sequence_losses,
+    train_round,
+    trim_padding,
+)
 
 SHARED_DATA = Path(os.environ.get("DPLORA_SHARED_DATA", ROOT.parent / "shared" / "data"))
 MODES = [m for m in GRAD_SAMPLE_MODES if m != "auto"]
 MODELS = ("minilm", "tiny-llama")
 HEADLINE = ("dp_step_ratio", "dp_memory_ratio", "upload_fraction", "flower_overhead_ratio")
+PADDED = 10**6  # train.micro_batch_size that makes a batch one pass, padded to its longest example (before)
 
 
 def log(message: str) -> None:
@@ -232,6 +247,54 @@ def linear_fit(xs: list[float], ys: list[float]) -> dict:
             "r_squared": statistics.correlation(xs, ys) ** 2}
 
 
+# ------------------------------------------------------------------------------------------- 6. padding
+
+def dataset_overrides(name: str) -> str:
+    if (SHARED_DATA / name / "train.jsonl").is_file():
+        return f"dataset={name} dataset.path={SHARED_DATA / name}"
+    log(f"{name} not found under {SHARED_DATA}: using the synthetic dataset for it")
+    return "dataset=synthetic"
+
+
+def padding(name: str, quick: bool) -> dict:
+    """Tokens computed per real token, and examples per second, micro-batched vs padded, for one dataset."""
+    batch, steps, repeats, micro = (64, 2, 1, 16) if quick else (64, 6, 3, 16)
+    cfg = config.compose(f"{dataset_overrides(name)} train.batch_size={batch} train.micro_batch_size={micro}")
+    model, tokenizer = models.build_model(cfg, device())
+    train_split = data.load_split(cfg.dataset, "train")
+    train_split = train_split.select(range(min(len(train_split), 20 * batch)))
+    train_set = data.encode(train_split, tokenizer, cfg)
+    q = batch / len(train_set)
+    # token positions over 50 Poisson batches
+    generator, computed, padded, real = torch.Generator().manual_seed(0), 0, 0, 0
+    for _ in range(50):
+        drawn = torch.rand(len(train_set), generator=generator) < q
+        rows = [t[drawn] for t in train_set.tensors]
+        real += int(rows[1].sum())
+        padded += padded_tokens([trim_padding(rows, torch.device("cpu"))])
+        computed += padded_tokens(micro_batches(rows, micro, torch.device("cpu")))
+    start_state = models.adapter_state(model)
+    seconds: dict[str, list[float]] = {"micro_batched": [], "padded": [], "dp_micro_batched": []}
+    for repeat in range(repeats):  # interleaved
+        for variant in seconds:
+            private = variant.startswith("dp")
+            run_cfg = config.compose(
+                f"{dataset_overrides(name)} train.batch_size={batch} train.sample_rate={q} "
+                f"train.micro_batch_size={PADDED if variant == 'padded' else micro} "
+                + ("" if private else "privacy=none"))
+            models.load_adapter_state(model, start_state)
+            account = PrivacyAccount.plan(run_cfg.privacy, q, steps)
+            result = train_round(model, train_set, run_cfg, account, seed=repeat, steps=steps)
+            seconds[variant].append(result["seconds"] / (steps * batch))  # per expected example
+    median = {k: statistics.median(v) for k, v in seconds.items()}
+    return {"dataset": cfg.dataset.name, "batch_size": batch, "micro_batch_size": micro, "steps": steps,
+            "repeats": repeats, "real_tokens": real, "tokens_padded": padded, "tokens_micro_batched": computed,
+            "tokens_computed_per_real_token": computed / real, "tokens_padded_per_real_token": padded / real,
+            "examples_per_second": {k: 1 / v for k, v in median.items()},
+            "train_speedup_vs_padded": median["padded"] / median["micro_batched"],
+            "dp_ratio_micro_batched": median["dp_micro_batched"] / median["micro_batched"]}
+
+
 # ------------------------------------------------------------------------------------------- the suite
 
 def run(quick: bool, model_names: tuple[str, ...] = MODELS, flower: bool = True) -> dict:
@@ -253,6 +316,17 @@ def run(quick: bool, model_names: tuple[str, ...] = MODELS, flower: bool = True)
         result["dp_step_ratio"] = max(r["ratio"][r["best_mode"]] for r in result["step_time"].values())
         result["dp_memory_ratio"] = max(r["ratio"] for r in result["memory"].values())
         result["upload_fraction"] = max(r["fraction"] for r in result["upload"].values())
+    result["padding"] = {}
+    for name in ("fpb", "sst2"):
+        log(f"padding: {name}, micro-batched vs padded")
+        result["padding"][name] = padding(name, quick)
+        r = result["padding"][name]
+        log(f"  tokens computed / real {r['tokens_computed_per_real_token']:.2f} (padded "
+            f"{r['tokens_padded_per_real_token']:.2f}); speedup {r['train_speedup_vs_padded']:.2f}x; "
+            f"DP / non-private {r['dp_ratio_micro_batched']:.2f}x")
+    result["tokens_computed_per_real_token"] = {k: r["tokens_computed_per_real_token"]
+                                                for k, r in result["padding"].items()}
+    result["train_speedup_vs_padded"] = {k: r["train_speedup_vs_padded"] for k, r in result["padding"].items()}
     if flower:
         result.update(flower_figures(quick, fpb))
     return result
@@ -324,6 +398,11 @@ def table(result: dict) -> str:
         times = ", ".join(f"{n}: {s:.1f}s" for n, s in result["round_time_by_clients"].items())
         lines.append(f"| round time by clients | {times}; {fit['seconds_per_client']:.2f} s/client + "
                      f"{fit['intercept_seconds']:.1f} s, R^2 {fit['r_squared']:.3f} |")
+    for name, r in result.get("padding", {}).items():
+        lines.append(f"| {name}: token positions computed / real tokens | {r['tokens_computed_per_real_token']:.2f} "
+                     f"micro-batched, {r['tokens_padded_per_real_token']:.2f} padded |")
+        lines.append(f"| {name}: training examples/s, micro-batched / padded | {r['train_speedup_vs_padded']:.2f}x; "
+                     f"DP / non-private (micro-batched) {r['dp_ratio_micro_batched']:.2f}x |")
     lines.append("| headline | " + ", ".join(f"{k} {result[k]:.5g}" for k in HEADLINE if k in result) + " |")
     return "\n".join(lines)
 

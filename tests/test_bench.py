@@ -26,3 +26,7 @@ def test_quick_benchmark_writes_every_figure(tmp_path):
     assert set(times) == {"1", "2"} and all(s > 0 for s in times.values())
     assert math.isfinite(result["round_time_fit"]["seconds_per_client"])
     assert "| headline |" in run.stdout  # the printed table
+    for name in ("fpb", "sst2"):  # padding: micro-batches compute fewer positions than one padded pass
+        padding = result["padding"][name]
+        assert 1 <= result["tokens_computed_per_real_token"][name] <= padding["tokens_padded_per_real_token"]
+        assert math.isfinite(result["train_speedup_vs_padded"][name]) and padding["dp_ratio_micro_batched"] > 0

@@ -179,3 +179,12 @@ def test_fedprox_pull_is_applied_outside_dp_after_every_step(tiny_cfg):
     assert any(not free[client.ARRAYS].to_torch_state_dict()[k].allclose(start[k]) for k in start)
     with pytest.raises(ValueError, match="proximal-mu"):
         client.train(tiny_cfg, arrays, RecordDict(), node_config=SIM, server_round=1, proximal_mu=float("nan"))
+
+
+def test_each_log_line_appears_once():
+    """Opacus' logging.basicConfig would print every Flower line a second time, through the root logger."""
+    import subprocess
+    import sys
+    code = "import logging; from dplora import client; logging.getLogger('flwr.dplora.x').info('one line')"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert (out.stdout + out.stderr).count("one line") == 1

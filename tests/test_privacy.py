@@ -8,7 +8,7 @@ import torch
 from flwr.app import ConfigRecord, RecordDict
 from omegaconf import OmegaConf
 
-from dplora import client, data, models, privacy
+from dplora import client, config, data, models, privacy
 from dplora.privacy import BudgetExhausted, PrivacyAccount
 from dplora.train import sequence_losses, train_round
 
@@ -213,3 +213,39 @@ def test_non_private_training_uses_the_same_path(tiny_cfg):
     metrics = reply[client.METRICS]
     assert math.isinf(metrics["epsilon"]) and metrics["noise_multiplier"] == 0.0 and metrics["steps"] > 0
     assert isinstance(state.config_records[privacy.STATE_KEY], ConfigRecord)
+
+
+@pytest.mark.parametrize("mode", ["hooks", "ghost", "functorch"])
+@pytest.mark.parametrize("model", ["tiny-llama", "minilm"])
+def test_length_bucketed_step_is_the_one_pass_step(monkeypatch, mode, model):
+    """The same batch (q = 1: every record) and the same noise draw: length-sorted micro-batches of 5 with one
+    noisy step give the update that one pass over the whole batch gives."""
+    monkeypatch.setattr(privacy, "_secret_generator", lambda: torch.Generator().manual_seed(7))
+    updates = []
+    for micro in (5, 1000):
+        cfg = config.compose(f"model={model} dataset.num_train=23 dataset.num_test=4 train.sample_rate=1.0 "
+                             f"train.micro_batch_size={micro} train.optimizer=sgd train.momentum=0 "
+                             f"train.learning_rate=1.0 privacy.grad_sample_mode={mode}")
+        net, tok = models.build_model(cfg)
+        for module in net.modules():  # MiniLM's dropout draws differently per micro-batch: not the DP mechanism
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+        train_set = data.encode(data.load_split(cfg.dataset, "train"), tok, cfg)
+        before = models.adapter_state(net)
+        account = _account(cfg, q=1.0)
+        train_round(net, train_set, cfg, account, seed=0, steps=1)
+        assert account.steps == 1  # one DP step for the whole batch, however many micro-batches
+        after = models.adapter_state(net)
+        updates.append(torch.cat([(after[k] - before[k]).flatten() for k in sorted(before)]))
+    bucketed, one_pass = updates
+    assert one_pass.abs().max() > 0
+    torch.testing.assert_close(bucketed, one_pass, rtol=1e-4, atol=1e-6)
+
+
+def test_micro_batches_cover_the_batch_sorted_and_trimmed():
+    from dplora.train import micro_batches
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0], [1, 1, 1, 0]])
+    batch = [torch.arange(16).view(4, 4), mask, torch.tensor([0, 1, 2, 3])]
+    parts = micro_batches(batch, 2, torch.device("cpu"))
+    assert [p[2].tolist() for p in parts] == [[1, 3], [0, 2]]  # longest first
+    assert [p[0].shape for p in parts] == [(2, 4), (2, 2)]  # each trimmed to its own longest example
