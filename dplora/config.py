@@ -128,6 +128,10 @@ def validate(cfg: DictConfig) -> None:
     _choice(cfg, "train.optimizer", ("adamw", "sgd"))
     _number(cfg, "train.momentum", low=0, high=1, high_open=True)
     _number(cfg, "eval.batch_size", kind=int, low=1)
+    _number(cfg, "dataset.validation_fraction", low=0, high=1, high_open=True)
+    if _choice(cfg, "eval.split", ("test", "validation")) == "validation" and not cfg.dataset.validation_fraction:
+        raise ConfigError("eval.split=validation needs dataset.validation_fraction > 0 (the share of the training "
+                          "split to hold out)")
     _number(cfg, "strategy.fraction_train", low=0, high=1, low_open=True)
     _number(cfg, "strategy.min_clients", kind=int, low=1)
     _number(cfg, "strategy.round_timeout", low=0, low_open=True)

@@ -21,6 +21,7 @@ from torch.utils.data import TensorDataset
 FORMATS = ("jsonl", "csv", "parquet")  # local files; the format is also the file extension
 IGNORE_INDEX = -100  # label value for tokens that carry no loss (prompt and padding) in causal-LM tuning
 SUBSAMPLE_SEED = 0  # dataset.max_train draws the same subsample whatever the run's seed
+VALIDATION_SEED = 1  # dataset.validation_fraction carves the same validation split whatever the run's seed
 
 
 class DataError(ValueError):
@@ -30,10 +31,18 @@ class DataError(ValueError):
 # ----------------------------------------------------------------------------------------------- loading
 
 def load_split(dataset_cfg: DictConfig, split: str) -> datasets.Dataset:
-    """The `split` ("train" or "test") of the configured dataset.
+    """The `split` ("train", "validation" or "test") of the configured dataset.
 
     `dataset.max_train` keeps a fixed random subsample of the training split (the same for every run seed).
+    `dataset.validation_fraction` > 0 carves that share of the (subsampled) training split, with a fixed seed,
+    as the "validation" split; "train" is then the rest, so owners never train on it. Hyperparameters are
+    chosen on it (eval.split=validation), never on the test split.
     """
+    validation = split == "validation"
+    if validation:
+        if not (dataset_cfg.get("validation_fraction") or 0) > 0:
+            raise DataError("the validation split needs dataset.validation_fraction > 0")
+        split = "train"
     if dataset_cfg.source == "synthetic":
         train, test = synthetic_reviews(dataset_cfg.num_train, dataset_cfg.num_test)
         rows = train if split == "train" else test
@@ -45,6 +54,13 @@ def load_split(dataset_cfg: DictConfig, split: str) -> datasets.Dataset:
     max_train = dataset_cfg.get("max_train")
     if split == "train" and max_train is not None and len(rows) > max_train:
         rows = random.Random(SUBSAMPLE_SEED).sample(rows, max_train)
+    fraction = dataset_cfg.get("validation_fraction") or 0.0
+    if split == "train" and fraction > 0:  # a validation split carved from the training split, for tuning
+        order = list(range(len(rows)))
+        random.Random(VALIDATION_SEED).shuffle(order)
+        cut = max(1, round(fraction * len(rows)))
+        keep = sorted(order[:cut]) if validation else sorted(order[cut:])
+        rows = [rows[i] for i in keep]
     return from_rows(rows)
 
 
@@ -250,8 +266,9 @@ def label_mix(dataset: datasets.Dataset, label_names: list[str]) -> str:
 
 
 def test_sets(cfg: DictConfig, tokenizer) -> tuple[list[TensorDataset], torch.Tensor]:
-    """The server's test split: ([encoded split] or one encoded copy per candidate label, true labels)."""
-    test = load_split(cfg.dataset, "test")
+    """The server's evaluation split (`eval.split`: test, or validation for tuning): ([encoded split] or one
+    encoded copy per candidate label, true labels)."""
+    test = load_split(cfg.dataset, cfg.eval.split)
     if cfg.model.task == "classification":
         sets = [encode(test, tokenizer, cfg)]
     else:

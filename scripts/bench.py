@@ -256,10 +256,12 @@ def dataset_overrides(name: str) -> str:
     return "dataset=synthetic"
 
 
-def padding(name: str, quick: bool) -> dict:
-    """Tokens computed per real token, and examples per second, micro-batched vs padded, for one dataset."""
-    batch, steps, repeats, micro = (64, 2, 1, 16) if quick else (64, 6, 3, 16)
-    cfg = config.compose(f"{dataset_overrides(name)} train.batch_size={batch} train.micro_batch_size={micro}")
+def padding(name: str, quick: bool, micro: int | None = None) -> dict:
+    """Tokens computed per real token, and examples per second, micro-batched vs padded, for one dataset.
+    `micro`: examples per micro-batch (default: the product's train.micro_batch_size)."""
+    batch, steps, repeats = (64, 2, 1) if quick else (64, 6, 3)
+    cfg = config.compose(f"{dataset_overrides(name)} train.batch_size={batch}")
+    micro = micro or cfg.train.micro_batch_size
     model, tokenizer = models.build_model(cfg, device())
     train_split = data.load_split(cfg.dataset, "train")
     train_split = train_split.select(range(min(len(train_split), 20 * batch)))
@@ -297,7 +299,7 @@ def padding(name: str, quick: bool) -> dict:
 
 # ------------------------------------------------------------------------------------------- the suite
 
-def run(quick: bool, model_names: tuple[str, ...] = MODELS, flower: bool = True) -> dict:
+def run(quick: bool, model_names: tuple[str, ...] = MODELS, flower: bool = True, micro: int | None = None) -> dict:
     fpb = fpb_overrides()
     batch, repeats, steps = (16, 3, 1) if quick else (64, 7, 3)
     result: dict = {"quick": quick, "device": str(device()), "torch_threads": torch.get_num_threads(),
@@ -319,7 +321,7 @@ def run(quick: bool, model_names: tuple[str, ...] = MODELS, flower: bool = True)
     result["padding"] = {}
     for name in ("fpb", "sst2"):
         log(f"padding: {name}, micro-batched vs padded")
-        result["padding"][name] = padding(name, quick)
+        result["padding"][name] = padding(name, quick, micro)
         r = result["padding"][name]
         log(f"  tokens computed / real {r['tokens_computed_per_real_token']:.2f} (padded "
             f"{r['tokens_padded_per_real_token']:.2f}); speedup {r['train_speedup_vs_padded']:.2f}x; "
@@ -422,10 +424,14 @@ def main() -> None:
     parser.add_argument("--models", nargs="*", choices=MODELS, default=list(MODELS),
                         help="models for the step-time, memory and upload figures (default: both; "
                              "none: the Flower figures only)")
+    parser.add_argument("--micro-batch-size", type=int, default=None,
+                        help="examples per micro-batch in the padding figures (default: train.micro_batch_size)")
     args = parser.parse_args()
+    if args.micro_batch_size is not None and args.micro_batch_size < 1:
+        parser.error("--micro-batch-size must be >= 1")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    result = run(args.quick, tuple(args.models), flower=not args.skip_flower)
+    result = run(args.quick, tuple(args.models), flower=not args.skip_flower, micro=args.micro_batch_size)
     result["seconds"] = time.perf_counter() - start
     bad = [k for k in HEADLINE if k in result and not (math.isfinite(result[k]) and result[k] > 0)]
     args.out.write_text(json.dumps(result, indent=2))

@@ -1,7 +1,7 @@
 """Re-derive every client's epsilon in a run's metrics.json with an independent accountant.
 
 For each client record (noise_multiplier, sample_rate, steps, delta) this composes `steps` Poisson-subsampled
-Gaussian mechanisms with Google's dp_accounting privacy-loss-distribution (PLD) accountant, which shares no
+Gaussian mechanisms (the reported epsilon is the one the server re-derived with the run's Opacus accountant) with Google's dp_accounting privacy-loss-distribution (PLD) accountant, which shares no
 code with Opacus, and compares the result with the epsilon the run reported.
 
     python scripts/verify_privacy.py outputs/latest/metrics.json [--tolerance 0.02]

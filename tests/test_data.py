@@ -191,3 +191,17 @@ def test_hub_dataset_offline_fails_with_a_clear_message(monkeypatch):
     cfg = config.compose("dataset=flowertune-finance")
     with pytest.raises(DataError, match=r"flwrlabs/fingpt-sentiment-train .*cannot load from the Hugging Face Hub"):
         data.load_split(cfg.dataset, "train")
+
+
+def test_a_validation_split_is_carved_from_training_and_never_trained_on():
+    cfg = config.compose("dataset.num_train=200 dataset.validation_fraction=0.25 eval.split=validation")
+    train, validation = data.load_split(cfg.dataset, "train"), data.load_split(cfg.dataset, "validation")
+    full = data.load_split(config.compose("dataset.num_train=200").dataset, "train")
+    assert len(validation) == 50 and len(train) == 150
+    assert sorted(list(train["text"]) + list(validation["text"])) == sorted(full["text"])  # a partition of training
+    again = config.compose("dataset.num_train=200 dataset.validation_fraction=0.25 seed=3")
+    assert list(data.load_split(again.dataset, "validation")["text"]) == list(validation["text"])  # whatever the seed
+    with pytest.raises(config.ConfigError, match="dataset.validation_fraction"):
+        config.compose("eval.split=validation")
+    with pytest.raises(data.DataError, match="validation_fraction"):
+        data.load_split(config.compose("").dataset, "validation")

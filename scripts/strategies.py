@@ -1,0 +1,97 @@
+"""Which aggregation strategy for owners with skewed data: FedAvg against FedProx, FedAvgM and FedAdam on FPB
+split among 5 owners by Dirichlet(0.5), non-private and at epsilon 8, three seeds (docs/RESULTS.md).
+
+    python scripts/strategies.py [OUT_DIR]     (default results/strategies; data: ../shared/data or
+                                                $DPLORA_SHARED_DATA)
+
+1. tune: every candidate setting of every strategy, for each arm, on seed 0, evaluated on a validation split
+   carved from the training data (dataset.validation_fraction=0.2, eval.split=validation), never on the test
+   split. The best final validation accuracy picks each strategy's setting per arm (FedAvg has none).
+2. test: each strategy with its chosen setting, for each arm, seeds 0, 1, 2, on the test split (the same
+   validation share held out of training, so the owners' data is the same as in the tuning runs).
+3. OUT_DIR/strategies.md and .json: accuracy mean +- std per strategy and arm, the chosen settings, and how many
+   settings were tried.
+
+Every stage is scripts/sweep.py multiruns (full `flwr run` simulations); a finished multirun is marked
+(`stage.done`) and skipped when the script runs again, so an interrupted run continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = Path(os.environ.get("DPLORA_SHARED_DATA", ROOT.parent / "shared" / "data"))
+COMMON = ["model=minilm", "num_rounds=3", "sweep.num_supernodes=5", f"data_dir={DATA}", "dataset=fpb",
+          "partitioner=dirichlet", "partitioner.alpha=0.5", "dataset.validation_fraction=0.2",
+          "train.optimizer=sgd", "train.learning_rate=0.2", "train.momentum=0.9", "train.local_epochs=1",
+          "train.batch_size=64"]
+ARMS = {"epsilon 8": "privacy.target_epsilon=8", "non-private": "privacy.target_epsilon=null"}
+# The settings tried per strategy (each a Hydra override list; FedAvg has nothing to tune).
+CANDIDATES = {
+    "fedavg": [[]],
+    "fedprox": [[f"strategy.aggregator.proximal_mu={mu}"] for mu in (0.01, 0.1, 1.0)],
+    "fedavgm": [[f"strategy.aggregator.server_momentum={m}"] for m in (0.5, 0.9)],
+    "fedadam": [[f"strategy.aggregator.eta={eta}", f"strategy.aggregator.eta_l={eta}"] for eta in (0.001, 0.01, 0.1)],
+}
+SEEDS = (0, 1, 2)
+
+
+def sweep(folder: Path, overrides: list[str]) -> None:
+    if (folder / "stage.done").exists():
+        print(f"[strategies] {folder.name}: finished before, skipped", flush=True)
+        return
+    print(f"[strategies] {folder.name}: {' '.join(overrides)}", flush=True)
+    run = subprocess.run([sys.executable, "scripts/sweep.py", "-m", *COMMON, *overrides,
+                          f"hydra.sweep.dir={folder}"], cwd=ROOT)
+    if run.returncode:
+        raise SystemExit(f"[strategies] {folder.name} failed; rerun to retry it")
+    (folder / "stage.done").touch()
+
+
+def final_accuracy(folder: Path) -> list[float]:
+    return [json.loads(p.read_text())["rounds"][-1]["accuracy"] for p in sorted(folder.rglob("metrics.json"))]
+
+
+def main() -> int:
+    out = Path(sys.argv[1] if len(sys.argv) > 1 else "results/strategies").resolve()
+    if not (DATA / "fpb" / "train.jsonl").is_file():
+        print(f"error: {DATA}/fpb/train.jsonl not found (set DPLORA_SHARED_DATA)", file=sys.stderr)
+        return 2
+    chosen, tried = {}, {}
+    for arm, privacy in ARMS.items():
+        for name, settings in CANDIDATES.items():
+            scores = []
+            for i, setting in enumerate(settings):
+                folder = out / "tune" / f"{name}-{arm.replace(' ', '')}-{i}"
+                sweep(folder, [privacy, f"strategy={name}", *setting, "eval.split=validation", "seed=0"])
+                scores.append(final_accuracy(folder)[0])
+            best = max(range(len(settings)), key=scores.__getitem__)
+            chosen[(name, arm)], tried[(name, arm)] = settings[best], list(zip(map(" ".join, settings), scores,
+                                                                              strict=True))
+    rows = []
+    for arm, privacy in ARMS.items():
+        for name in CANDIDATES:
+            folder = out / "test" / f"{name}-{arm.replace(' ', '')}"
+            sweep(folder, [privacy, f"strategy={name}", *chosen[(name, arm)], "seed=" + ",".join(map(str, SEEDS))])
+            acc = final_accuracy(folder)
+            rows.append({"strategy": name, "arm": arm, "setting": " ".join(chosen[(name, arm)]) or "-",
+                         "validation_tried": tried[(name, arm)], "seeds": len(acc), "accuracy": acc,
+                         "mean": statistics.mean(acc), "std": statistics.stdev(acc) if len(acc) > 1 else 0.0})
+    (out / "strategies.json").write_text(json.dumps(rows, indent=2))
+    lines = ["| strategy | arm | setting (chosen on validation) | settings tried | seeds | test accuracy |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    lines += [f"| {r['strategy']} | {r['arm']} | {r['setting']} | {len(r['validation_tried'])} | {r['seeds']} | "
+              f"{100 * r['mean']:.2f} ± {100 * r['std']:.2f} |" for r in rows]
+    (out / "strategies.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
