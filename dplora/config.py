@@ -187,7 +187,10 @@ def validate(cfg: DictConfig) -> None:
         if not isinstance(OmegaConf.select(cfg, "dataset.hub_id"), str):
             raise ConfigError(f"dataset.hub_id is required for dataset={cfg.dataset.name} (a Hub dataset id)")
         splits = OmegaConf.select(cfg, "dataset.hub_splits")
-        if not OmegaConf.is_dict(splits) or not {"train", "test"} <= set(splits):
+        if OmegaConf.select(cfg, "dataset.hub_recipe"):
+            from .hub_data import RECIPES
+            _choice(cfg, "dataset.hub_recipe", tuple(RECIPES))
+        elif not OmegaConf.is_dict(splits) or not {"train", "test"} <= set(splits):
             raise ConfigError("dataset.hub_splits must map train and test to Hub split names "
                               f"(got {splits!r})")
     if OmegaConf.select(cfg, "dataset.max_train") is not None:

@@ -64,15 +64,27 @@ def load_split(dataset_cfg: DictConfig, split: str) -> datasets.Dataset:
     return from_rows(rows)
 
 
+def load_hub_split(hub_id: str, hub_config: str | None, split: str):
+    """datasets.load_dataset, with one clear error for every way it fails (offline, unknown id, bad split)."""
+    where = f"{hub_id} ({hub_config or 'default'}, split {split})"
+    try:
+        return datasets.load_dataset(hub_id, hub_config, split=split)
+    except Exception as err:  # noqa: BLE001
+        raise DataError(f"{where}: cannot load from the Hugging Face Hub ({type(err).__name__}: {err}); it needs "
+                        "internet access to huggingface.co (HF_HUB_OFFLINE must not be 1); without it, use a local "
+                        "copy (dataset.source=local)") from err
+
+
 def hub_rows(dataset_cfg: DictConfig, split: str) -> list[dict]:
-    """A split from the Hugging Face Hub (needs internet), checked like a local file."""
+    """A split from the Hugging Face Hub (needs internet), checked like a local file. Datasets with a recipe
+    (`dataset.hub_recipe`: fpb, sst2, pubmedqa) are converted and split as dplora/hub_data.py describes."""
+    if dataset_cfg.get("hub_recipe"):
+        from . import hub_data
+        rows = hub_data.build(dataset_cfg.hub_recipe, load_hub_split)[split]
+        return check_rows(enumerate(rows, start=1), dataset_cfg, f"{dataset_cfg.hub_id} ({split}, as built here)")
     hub_split = dataset_cfg.hub_splits[split]
     where = f"{dataset_cfg.hub_id} ({dataset_cfg.get('hub_config') or 'default'}, split {hub_split})"
-    try:
-        loaded = datasets.load_dataset(dataset_cfg.hub_id, dataset_cfg.get("hub_config"), split=hub_split)
-    except Exception as err:  # noqa: BLE001 - offline, unknown id, bad split: one clear message
-        raise DataError(f"{where}: cannot load from the Hugging Face Hub ({type(err).__name__}: {err}); "
-                        "without internet, download it once and use a local copy (dataset.source=local)") from err
+    loaded = load_hub_split(dataset_cfg.hub_id, dataset_cfg.get("hub_config"), hub_split)
     return check_rows(enumerate(loaded, start=1), dataset_cfg, where)
 
 

@@ -35,15 +35,33 @@ def test_a_non_private_model_learns_the_synthetic_set_but_not_perfectly():
     assert majority + 0.15 < accuracy < 0.99
 
 
+FPB_LIKE = [{"text": f"Company {i} reported {['lower', 'flat', 'higher'][i % 3]} sales .",
+             "label": ["negative", "neutral", "positive"][i % 3]} for i in range(20)]
+
+
 @pytest.fixture
-def fpb_cfg(shared_data):
-    return config.compose(f"dataset=fpb dataset.path={shared_data / 'fpb'}")
+def fpb_cfg(tmp_path):
+    """dataset=fpb's config on a small folder of FPB-format rows this test writes (no real data needed)."""
+    folder = tmp_path / "fpb"
+    folder.mkdir()
+    for split in ("train", "test"):
+        (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in FPB_LIKE))
+    return config.compose(f"dataset=fpb dataset.path={folder}")
 
 
 def test_local_jsonl_reads_text_and_label_names(fpb_cfg):
     test = data.load_split(fpb_cfg.dataset, "test")
-    assert len(test) == 970 and set(test["label"]) == {0, 1, 2}
-    assert Counter(test["label"]).most_common(1)[0][1] / len(test) == pytest.approx(0.594, abs=0.001)
+    assert len(test) == 20 and test["label"][:3] == [0, 1, 2]
+
+
+def test_the_real_datasets_have_the_documented_splits(shared_data):
+    sizes = {}
+    for name in ("fpb", "sst2", "pubmedqa"):
+        cfg = config.compose(f"dataset={name} data_dir={shared_data}")
+        sizes[name] = (len(data.load_split(cfg.dataset, "train")), len(test := data.load_split(cfg.dataset, "test")))
+        if name == "fpb":  # the majority class (neutral) of FPB's test split, quoted in the docs
+            assert Counter(test["label"]).most_common(1)[0][1] / len(test) == pytest.approx(0.594, abs=0.001)
+    assert sizes == {"fpb": (3876, 970), "sst2": (67349, 872), "pubmedqa": (800, 200)}
 
 
 def _write(path, lines):
@@ -68,15 +86,11 @@ def test_malformed_files_name_the_file_and_line(tmp_path, fpb_cfg, lines, messag
         data.load_split(cfg.dataset, "train")
 
 
-def _fpb_rows(shared_data, n=20):
-    return [json.loads(line) for line in (shared_data / "fpb" / "test.jsonl").read_text().splitlines()[:n]]
-
-
 @pytest.mark.parametrize("fmt", ["csv", "parquet"])
-def test_csv_and_parquet_read_like_jsonl(tmp_path, shared_data, fpb_cfg, fmt):
+def test_csv_and_parquet_read_like_jsonl(tmp_path, fpb_cfg, fmt):
     import pyarrow as pa
     import pyarrow.parquet as pq
-    rows = _fpb_rows(shared_data)
+    rows = FPB_LIKE
     path = tmp_path / f"test.{fmt}"
     if fmt == "csv":
         with path.open("w", newline="") as f:
@@ -125,14 +139,14 @@ def test_iid_partitions_cover_the_data_once_with_a_fixed_seed():
         data.partition(train, 3, 3, seed=0)
 
 
-def test_dirichlet_partitions_skew_labels_and_are_reproducible(shared_data):
-    cfg = config.compose(f"dataset=fpb dataset.path={shared_data / 'fpb'} partitioner=dirichlet partitioner.alpha=0.3")
+def test_dirichlet_partitions_skew_labels_and_are_reproducible():
+    cfg = config.compose("partitioner=dirichlet partitioner.alpha=0.3")  # the synthetic set: 2,000, 3 classes
     train = data.load_split(cfg.dataset, "train")
     parts = [data.partition(train, 5, i, 0, cfg.partitioner) for i in range(5)]
     assert sum(len(p) for p in parts) == len(train) and min(len(p) for p in parts) >= 10
     overall = Counter(train["label"])
     shares = [Counter(p["label"])[1] / len(p) for p in parts]  # share of "neutral" per owner
-    assert max(shares) - min(shares) > 0.2  # IID shares would all sit near the overall 59%
+    assert max(shares) - min(shares) > 0.2  # IID shares would all sit near the overall share
     iid = [Counter(data.partition(train, 5, i, 0)["label"])[1] / (len(train) / 5) for i in range(5)]
     assert max(iid) - min(iid) < 0.1 and abs(iid[0] - overall[1] / len(train)) < 0.05
     again = data.partition(train, 5, 2, 0, cfg.partitioner)
@@ -155,8 +169,11 @@ def test_causal_lm_encoding_puts_loss_on_the_answer_only(tiny_cfg):
     assert all(tok.decode(o[o != data.IGNORE_INDEX].tolist()[:-1]).strip() == "negative" for o in other)
 
 
-def test_pair_inputs_for_pubmedqa_classification(shared_data):
-    cfg = config.compose(f"dataset=pubmedqa dataset.path={shared_data / 'pubmedqa'} model.max_length=64")
+def test_pair_inputs_for_pubmedqa_classification(tmp_path):
+    rows = [{"id": str(i), "question": f"Does drug {i} help?", "context": "A trial of the drug. " * 30,
+             "long_answer": "It does.", "label": ["yes", "no", "maybe"][i % 3]} for i in range(3)]
+    (tmp_path / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = config.compose(f"dataset=pubmedqa dataset.path={tmp_path} model.max_length=64")
     _, tok = models.build_model(cfg)
     ds = data.load_split(cfg.dataset, "test").select(range(3))
     ids, mask, labels = data.encode(ds, tok, cfg).tensors
@@ -175,15 +192,16 @@ def test_label_map_renames_raw_labels(tmp_path):
         data.read_rows(path, cfg.dataset)
 
 
-def test_max_train_keeps_a_fixed_subsample_whatever_the_seed(shared_data):
+def test_max_train_keeps_a_fixed_subsample_whatever_the_seed():
     picks = []
     for seed in (0, 1):
-        cfg = config.compose(f"dataset=sst2 dataset.path={shared_data / 'sst2'} dataset.max_train=500 seed={seed}")
+        cfg = config.compose(f"dataset.max_train=500 seed={seed}")  # of the synthetic set's 2,000
         train = data.load_split(cfg.dataset, "train")
         assert len(train) == 500
         picks.append(list(train["text"]))
     assert picks[0] == picks[1]
-    assert len(data.load_split(cfg.dataset, "test")) == 872  # the test split is never subsampled
+    assert picks[0] != list(data.load_split(config.compose("").dataset, "train")["text"])[:500]  # a random draw
+    assert len(data.load_split(cfg.dataset, "test")) == 500  # the test split is never subsampled
 
 
 def test_hub_dataset_offline_fails_with_a_clear_message(monkeypatch):
