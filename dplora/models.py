@@ -20,12 +20,11 @@ from peft import (
     set_peft_model_state_dict,
 )
 from transformers import (
+    AutoConfig,
     AutoModel,
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
-    LlamaConfig,
-    LlamaForCausalLM,
 )
 from transformers.modeling_outputs import SequenceClassifierOutput
 from transformers.utils import logging as hf_logging
@@ -60,10 +59,11 @@ def build_base_model(cfg: DictConfig, tokenizer) -> torch.nn.Module:
                 model_cfg.pretrained, num_labels=num_labels, dtype=torch.float32)
             if model.config.pad_token_id is None:
                 model.config.pad_token_id = tokenizer.pad_token_id
-        elif model_cfg.pretrained is None:
+        elif model_cfg.pretrained is None:  # random weights, from a config built in code (no download)
             arch = OmegaConf.to_container(model_cfg.architecture)
-            model = LlamaForCausalLM(LlamaConfig(
-                vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+            model_type = arch.pop("model_type", "llama")  # llama (SmolLM2, Llama 3.2), qwen2 (Qwen2.5), gpt2
+            model = AutoModelForCausalLM.from_config(AutoConfig.for_model(
+                model_type, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
                 bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, **arch))
         else:
             model = AutoModelForCausalLM.from_pretrained(model_cfg.pretrained, dtype=torch.float32)
@@ -96,7 +96,8 @@ def lora_config(cfg: DictConfig) -> LoraConfig:
     else:  # peft's task types know their heads (classifier / score) and freeze the LM head
         task_type, modules_to_save = (TaskType.SEQ_CLS if task == "classification" else TaskType.CAUSAL_LM), None
     return LoraConfig(task_type=task_type, r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                      target_modules=list(lora.target_modules), modules_to_save=modules_to_save, bias="none")
+                      target_modules=list(lora.target_modules), modules_to_save=modules_to_save, bias="none",
+                      fan_in_fan_out=bool(lora.get("fan_in_fan_out", False)))  # GPT-2's Conv1D stores W transposed
 
 
 def build_model(cfg: DictConfig, device: str | torch.device = "cpu"):
