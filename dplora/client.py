@@ -139,8 +139,9 @@ def load_account(state: RecordDict, cfg: DictConfig, public_size: int | None, le
     if STATE_KEY in state.config_records:
         return PrivacyAccount.from_record(state.config_records[STATE_KEY])
     if ledger is not None and (account := ledger.account(run_key)) is not None:
+        eps = account.epsilon()
         log.info("run %s: continuing the privacy account from the ledger %s: %d steps taken, epsilon %s",
-                 run_key, ledger.path, account.steps, account.epsilon())
+                 run_key, ledger.path, account.steps, "n/a (no DP)" if eps is None else f"{eps:.3f}")
         return account
     q = public_sample_rate(cfg, public_size)
     account = PrivacyAccount.plan(cfg.privacy, q, cfg.num_rounds * steps_per_round(q, cfg.train.local_epochs))

@@ -52,9 +52,10 @@ _epsilon = lru_cache(maxsize=4096)(derive_epsilon)  # the same parameters recur 
 
 
 def privacy_summary(records: list[RecordDict], weighted_by_key: str) -> MetricRecord:
-    """The round's train metrics: how many clients trained, and the largest (re-derived) epsilon."""
+    """The round's train metrics, as Flower logs them: how many clients trained, and the largest (re-derived)
+    epsilon to 3 decimals (metrics.json keeps every client's full value)."""
     metrics = [r[METRICS] for r in records]
-    return MetricRecord({"clients": len(metrics), "epsilon-max": max(float(m["epsilon"]) for m in metrics)})
+    return MetricRecord({"clients": len(metrics), "epsilon-max": round(max(float(m["epsilon"]) for m in metrics), 3)})
 
 
 def user_level_accountant(delta: float, population: int) -> RdpAccountant:

@@ -3,6 +3,7 @@
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -42,7 +43,9 @@ def test_flwr_run_simulation_end_to_end(superlink_env, tmp_path):
     cfg = config.compose(OVERRIDES)
     assert metrics["config"] == config.to_dict(cfg)
     assert [r["round"] for r in metrics["rounds"]] == [1, 2]
-    assert "round 2/2: accuracy" in logs  # the one-line summary per round
+    assert logs.count("round 2/2: accuracy") == 1  # the one-line summary per round, printed once
+    assert not re.search(r"\d\d/\d\d/\d{4} \d\d:\d\d:\d\d:INFO:", logs)  # no second copy of each line
+    assert not re.search(r"epsilon \d+\.\d{4,}", logs)  # epsilons to 3 decimals
     for entry in metrics["rounds"]:
         assert len(entry["clients"]) == 2 and not entry["refused"] and not entry["failed"]
         assert 0 <= entry["accuracy"] <= 1 and entry["loss"] > 0

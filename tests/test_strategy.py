@@ -77,7 +77,7 @@ def test_aggregates_trained_replies_and_records_refusals_and_failures(tmp_path):
     arrays, metrics = strategy.aggregate_train(1, replies)
     np.testing.assert_allclose(arrays["w"].numpy(), np.full((2, 2), (1.0 + 4.0) / 2))  # uniform weights
     eps = {n: privacy.epsilon(1.1, 0.1, n, 1e-5, "prv") for n in (10, 20, 40)}
-    assert metrics["clients"] == 2 and metrics["epsilon-max"] == pytest.approx(eps[20])
+    assert metrics["clients"] == 2 and metrics["epsilon-max"] == pytest.approx(eps[20], abs=5e-4)
 
     recorder.record_round(1, {"accuracy": 0.5, "loss": 1.0, "macro_f1": 0.4})
     entry = json.loads(recorder.path.read_text())["rounds"][0]
