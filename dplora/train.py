@@ -16,7 +16,13 @@ from omegaconf import DictConfig
 from torch.utils.data import TensorDataset
 
 from .data import IGNORE_INDEX
-from .privacy import PrivacyAccount, empty_gradients, grad_sample_mode, mean_backward, poisson_batches
+from .privacy import (
+    PrivacyAccount,
+    empty_gradients,
+    grad_sample_mode,
+    mean_backward,
+    poisson_batches,
+)
 
 # Opacus' hooks fire on frozen inputs (the base model is frozen): expected, and harmless.
 warnings.filterwarnings("ignore", message="Full backward hook is firing")

@@ -20,7 +20,6 @@ exceeds its claim.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path

@@ -32,7 +32,12 @@ from flwr.serverapp.strategy import (
     DifferentialPrivacyServerSideFixedClipping,
     Strategy,
 )
-from flwr.supercore.privacy_accounting import NeighboringRelation, PrivacyConfig, SamplingMethod
+from flwr.supercore.privacy_accounting import (
+    GaussianPrivacyEvent,
+    NeighboringRelation,
+    PrivacyConfig,
+    SamplingMethod,
+)
 from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 from omegaconf import DictConfig
 
@@ -66,7 +71,7 @@ def user_level_accountant(delta: float, population: int) -> RdpAccountant:
 
 
 def user_level_epsilon(noise_multiplier: float, releases: int, delta: float, population: int = 1) -> float:
-    from flwr.supercore.privacy_accounting import GaussianPrivacyEvent
+    """Epsilon at `delta` of `releases` DP-FedAvg releases with this noise multiplier (Flower's accountant)."""
     accountant = user_level_accountant(delta, population)
     if releases:
         accountant.compose(GaussianPrivacyEvent(noise_multiplier, population, population), releases)

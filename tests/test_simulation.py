@@ -15,7 +15,13 @@ import torch
 from peft import PeftModel
 
 from dplora import config, data, models
-from dplora.simulation import SimulationError, descendants, flwr_run, local_superlink, running
+from dplora.simulation import (
+    SimulationError,
+    descendants,
+    flwr_run,
+    local_superlink,
+    running,
+)
 from dplora.train import evaluate
 
 from .conftest import ROOT
