@@ -103,6 +103,13 @@ def _choice(cfg: DictConfig, key: str, choices: tuple[str, ...]) -> str:
     return value
 
 
+def _flag(cfg: DictConfig, key: str) -> bool:
+    value = OmegaConf.select(cfg, key)
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key} must be true or false (got {value!r})")
+    return value
+
+
 def _strings(cfg: DictConfig, key: str) -> list[str]:
     value = OmegaConf.select(cfg, key)
     if not OmegaConf.is_list(value) or not value or not all(isinstance(v, str) and v for v in value):
@@ -132,6 +139,9 @@ def validate(cfg: DictConfig) -> None:
     if _choice(cfg, "eval.split", ("test", "validation")) == "validation" and not cfg.dataset.validation_fraction:
         raise ConfigError("eval.split=validation needs dataset.validation_fraction > 0 (the share of the training "
                           "split to hold out)")
+    if _flag(cfg, "eval.also_test") and cfg.eval.split == "test":
+        raise ConfigError("eval.also_test=true only makes sense with eval.split=validation (the test split is "
+                          "already the one evaluated)")
     _number(cfg, "strategy.fraction_train", low=0, high=1, low_open=True)
     _number(cfg, "strategy.min_clients", kind=int, low=1)
     _number(cfg, "strategy.round_timeout", low=0, low_open=True)

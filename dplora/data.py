@@ -277,10 +277,10 @@ def label_mix(dataset: datasets.Dataset, label_names: list[str]) -> str:
     return f"{len(dataset)} examples: " + ", ".join(f"{n} {c}" for n, c in zip(label_names, counts, strict=True))
 
 
-def test_sets(cfg: DictConfig, tokenizer) -> tuple[list[TensorDataset], torch.Tensor]:
-    """The server's evaluation split (`eval.split`: test, or validation for tuning): ([encoded split] or one
-    encoded copy per candidate label, true labels)."""
-    test = load_split(cfg.dataset, cfg.eval.split)
+def test_sets(cfg: DictConfig, tokenizer, split: str | None = None) -> tuple[list[TensorDataset], torch.Tensor]:
+    """The server's evaluation split (`split`, default `eval.split`: test, or validation for tuning): ([encoded
+    split] or one encoded copy per candidate label, true labels)."""
+    test = load_split(cfg.dataset, split or cfg.eval.split)
     if cfg.model.task == "classification":
         sets = [encode(test, tokenizer, cfg)]
     else:

@@ -28,9 +28,12 @@ def main(grid: Grid, context: Context) -> None:
 
     model, tokenizer = models.build_model(cfg, device())
     test_sets, test_labels = data.test_sets(cfg, tokenizer)
+    # eval.also_test: a tuning run (eval.split=validation) also records the test split, as test_*, so the setting
+    # chosen on validation can be reported without a second run; the choice never looks at it.
+    also_test = data.test_sets(cfg, tokenizer, "test") if cfg.eval.also_test else None
     trainable, total = models.num_parameters(model)
-    log.info("model %s: %d of %d parameters train (%.3f%%); test split: %d examples", cfg.model.name,
-             trainable, total, 100 * trainable / total, len(test_labels))
+    log.info("model %s: %d of %d parameters train (%.3f%%); %s split: %d examples", cfg.model.name,
+             trainable, total, 100 * trainable / total, cfg.eval.split, len(test_labels))
     # A run key names this experiment in every owner's privacy ledger; a resumed run keeps it, so each
     # owner continues its account instead of starting a new one.
     run_key, done, previous = secrets.token_hex(8), 0, None
@@ -47,6 +50,8 @@ def main(grid: Grid, context: Context) -> None:
         latest["arrays"] = arrays
         models.from_arrays(model, arrays)
         metrics = evaluate(model, test_sets, test_labels, cfg)
+        if also_test:
+            metrics |= {f"test_{k}": v for k, v in evaluate(model, *also_test, cfg).items()}
         if server_round > done or done == 0:  # a resumed run's starting point is already recorded
             recorder.record_round(server_round, metrics)
         if server_round > done:  # the latest round's adapter, so that a crash loses at most one round
