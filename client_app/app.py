@@ -8,6 +8,7 @@ from flwr.clientapp.mod import fixedclipping_mod
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from dplora import client, config
+from dplora.transport import transport_mod
 
 
 def user_dp_clipping(msg: Message, context: Context, call_next) -> Message:
@@ -18,7 +19,7 @@ def user_dp_clipping(msg: Message, context: Context, call_next) -> Message:
     return call_next(msg, context)
 
 
-app = ClientApp(mods=[user_dp_clipping])
+app = ClientApp(mods=[transport_mod, user_dp_clipping])  # the first wraps the rest: clipping sees fp32
 
 
 @app.train()

@@ -24,6 +24,7 @@ CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 TASKS = ("classification", "causal_lm")
 ACCOUNTANTS = ("prv", "rdp")
 SOURCES = ("synthetic", "local", "hub")
+TRANSPORT_DTYPES = ("fp32", "fp16", "int8")  # the adapter on the wire, owner to server (dplora/transport.py)
 USER_DP_STRATEGIES = ("fedavg", "fedprox")  # Flower's fixed-clipping accounting needs FedAvg.aggregate_train
 
 
@@ -171,8 +172,15 @@ def validate(cfg: DictConfig) -> None:
     _choice(cfg, "privacy.accountant", ACCOUNTANTS)
     _choice(cfg, "privacy.grad_sample_mode", GRAD_SAMPLE_MODES)
 
+    head_init = OmegaConf.select(cfg, "model.head_init", default="random")
     if _choice(cfg, "model.task", TASKS) == "classification":
         _choice(cfg, "model.pooling", ("mean", "cls"))
+        if _choice(cfg, "model.head_init", ("random", "descriptions")) == "descriptions" and cfg.model.pooling != "mean":
+            raise ConfigError("model.head_init=descriptions needs model.pooling=mean (the head is set from "
+                              "mean-pooled embeddings of dataset.label_descriptions)")
+    elif head_init != "random":
+        raise ConfigError(f"model.head_init={head_init} is for classification models; a causal LM has no head "
+                          "(its answers are the label names)")
     if cfg.model.pretrained is None and not cfg.model.architecture:
         raise ConfigError("model.architecture is required when model.pretrained is null (random weights)")
     if cfg.model.pretrained is None and cfg.model.tokenizer is None:
@@ -182,6 +190,8 @@ def validate(cfg: DictConfig) -> None:
     _number(cfg, "model.lora.alpha", low=0, low_open=True)
     _number(cfg, "model.lora.dropout", low=0, high=1, high_open=True)
     _strings(cfg, "model.lora.target_modules")
+    _flag(cfg, "model.lora.train_a")
+    _choice(cfg, "transport.dtype", TRANSPORT_DTYPES)
 
     if _choice(cfg, "partitioner.name", ("iid", "dirichlet")) == "dirichlet":
         _number(cfg, "partitioner.alpha", low=0, low_open=True)
@@ -214,6 +224,11 @@ def validate(cfg: DictConfig) -> None:
     labels = _strings(cfg, "dataset.label_names")
     if len(labels) < 2:
         raise ConfigError(f"dataset.label_names needs at least two labels (got {labels})")
+    if OmegaConf.select(cfg, "dataset.label_descriptions") is not None:
+        descriptions = _strings(cfg, "dataset.label_descriptions")
+        if len(descriptions) != len(labels):
+            raise ConfigError(f"dataset.label_descriptions needs one text per label in dataset.label_names "
+                              f"{labels} (got {len(descriptions)})")
     _strings(cfg, "dataset.text_fields")
     if not isinstance(cfg.dataset.label_field, str):
         raise ConfigError(f"dataset.label_field must be a field name (got {cfg.dataset.label_field!r})")

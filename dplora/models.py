@@ -1,7 +1,9 @@
 """Base model + LoRA adapter for each task type, and the adapter <-> ArrayRecord conversion.
 
 Only the adapter (LoRA matrices, plus the classification head for classification) is trainable, and only
-it crosses the wire: `adapter_state` returns exactly the trainable tensors, as fp32.
+it crosses the wire: `adapter_state` returns exactly the trainable tensors, as fp32. With FFA-LoRA
+(`model.lora.train_a: false`) the A matrices stay at their seeded random initialization, identical on every
+party, and only B (+ head) trains and travels.
 """
 
 from __future__ import annotations
@@ -54,6 +56,8 @@ def build_base_model(cfg: DictConfig, tokenizer) -> torch.nn.Module:
         if model_cfg.task == "classification" and model_cfg.pooling == "mean":
             model = MeanPoolingClassifier(AutoModel.from_pretrained(model_cfg.pretrained, dtype=torch.float32),
                                           num_labels)
+            if model_cfg.head_init == "descriptions":
+                model.init_head(tokenizer, label_descriptions(cfg.dataset), model_cfg.max_length)
         elif model_cfg.task == "classification":
             model = AutoModelForSequenceClassification.from_pretrained(
                 model_cfg.pretrained, num_labels=num_labels, dtype=torch.float32)
@@ -82,11 +86,40 @@ class MeanPoolingClassifier(torch.nn.Module):
         self.encoder, self.config = encoder, encoder.config
         self.classifier = torch.nn.Linear(encoder.config.hidden_size, num_labels)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **_) -> SequenceClassifierOutput:
+    def pool(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The mean of the encoder's last hidden states over the real tokens."""
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
-        return SequenceClassifierOutput(logits=self.classifier(pooled))
+        return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **_) -> SequenceClassifierOutput:
+        return SequenceClassifierOutput(logits=self.classifier(self.pool(input_ids, attention_mask)))
+
+    @torch.no_grad()
+    def init_head(self, tokenizer, descriptions: list[str], max_length: int) -> None:
+        """Start the head where the pretrained encoder already is (`model.head_init=descriptions`): row k is
+        the unit embedding of label k's description, scaled by HEAD_TEMPERATURE / the descriptions' mean
+        embedding norm, and the bias is 0. Logit k is then proportional to the cosine between an input's
+        embedding and description k's, so before any training the model predicts the nearest description.
+        Computed from public text only (the dataset's config): it costs no privacy."""
+        was_training = self.training
+        self.eval()
+        enc = tokenizer(list(descriptions), truncation=True, max_length=max_length, padding=True,
+                        return_tensors="pt").to(self.classifier.weight.device)
+        embeddings = self.pool(enc["input_ids"], enc["attention_mask"]).float()
+        norms = embeddings.norm(dim=1, keepdim=True)
+        self.classifier.weight.copy_(HEAD_TEMPERATURE * embeddings / norms / norms.mean())
+        self.classifier.bias.zero_()
+        self.train(was_training)
+
+
+HEAD_TEMPERATURE = 20.0  # logits = 20 x cosine (roughly): confident but not saturated, as sentence-transformers scales
+
+
+def label_descriptions(dataset_cfg: DictConfig) -> list[str]:
+    """`dataset.label_descriptions`, or the label names where it is null."""
+    descriptions = dataset_cfg.get("label_descriptions")
+    return list(descriptions) if descriptions is not None else list(dataset_cfg.label_names)
 
 
 def lora_config(cfg: DictConfig) -> LoraConfig:
@@ -105,8 +138,12 @@ def build_model(cfg: DictConfig, device: str | torch.device = "cpu"):
     tokenizer = build_tokenizer(cfg.model)
     base = build_base_model(cfg, tokenizer).to(device)  # to its device before get_peft_model
     with torch.random.fork_rng():
-        torch.manual_seed(cfg.seed)  # the server's initial adapter is reproducible
+        torch.manual_seed(cfg.seed)  # the server's initial adapter (and FFA-LoRA's fixed A) is reproducible
         model = get_peft_model(base, lora_config(cfg))
+    if not cfg.model.lora.train_a:  # FFA-LoRA: A stays at its random initialization; B (+ head) trains
+        for name, param in model.named_parameters():
+            if ".lora_A." in name:
+                param.requires_grad_(False)
     model.train()
     return model, tokenizer
 
@@ -114,9 +151,11 @@ def build_model(cfg: DictConfig, device: str | torch.device = "cpu"):
 # ------------------------------------------------------------------------------- adapter <-> ArrayRecord
 
 def adapter_state(model: PeftModel) -> dict[str, torch.Tensor]:
-    """The trainable adapter tensors (LoRA + head), fp32 on CPU, keyed as peft saves them."""
+    """The trainable adapter tensors (LoRA + head; B + head only with FFA-LoRA), fp32 on CPU, keyed as peft
+    saves them."""
+    trainable = {p.data_ptr() for p in model.parameters() if p.requires_grad}
     state = get_peft_model_state_dict(model)
-    return {k: v.detach().to("cpu", torch.float32).clone() for k, v in state.items()}
+    return {k: v.detach().to("cpu", torch.float32).clone() for k, v in state.items() if v.data_ptr() in trainable}
 
 
 def check_adapter(state: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> None:

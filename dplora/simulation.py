@@ -22,8 +22,9 @@ from pathlib import Path
 from . import config
 
 ROOT = Path(__file__).resolve().parent.parent
-HTTP_ADDRESS = "127.0.0.1:39091"  # where `flwr run` looks for a local SuperLink
-CONTROL_ADDRESS = "127.0.0.1:39093"
+# The local SuperLink serves its Control, Runtime and Fleet APIs on one HTTP port: Flower's own local one is
+# 127.0.0.1:39091; DPLORA_SUPERLINK_PORT picks another, so that tests can run beside a long sweep.
+HTTP_ADDRESS = f"127.0.0.1:{int(os.environ.get('DPLORA_SUPERLINK_PORT', '39091'))}"
 
 
 class SimulationError(RuntimeError):
@@ -55,13 +56,16 @@ def local_superlink(flwr_home: Path) -> Iterator[dict[str, str]]:
         raise SimulationError(f"a SuperLink already listens on {HTTP_ADDRESS}; stop it first "
                               "(e.g. pkill -f flower-superlink)")
     flwr_home.mkdir(parents=True, exist_ok=True)
+    # `flwr run` talks to this SuperLink by its address (FLWR_HOME is ours: a folder only these runs use)
+    (flwr_home / "config.toml").write_text(f'[superlink]\ndefault = "local"\n\n[superlink.local]\n'
+                                           f'address = "{HTTP_ADDRESS}"\ninsecure = true\n')
     env = run_env(flwr_home)
     log_path = flwr_home / "superlink.log"
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
             [shutil.which("flower-superlink", path=env["PATH"]), "--insecure", "--simulation",
              "--isolation", "subprocess", "--host", HTTP_ADDRESS.split(":")[0], "--port", HTTP_ADDRESS.split(":")[1],
-             "--control-api-address", CONTROL_ADDRESS, "--disable-runtime-dependency-installation"],
+             "--disable-runtime-dependency-installation"],
             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.time() + 60

@@ -9,7 +9,8 @@ side by side in this one run (docs/PERFORMANCE.md).
 1. step time: one DP-SGD step / the same step without DP (same model, batch, sequence length, data), for
    MiniLM classification and tiny-llama causal LM, per Opacus grad_sample_mode; interleaved repeats, medians.
 2. memory: peak resident memory of a client's training with DP / without (each in a fresh process).
-3. upload: bytes of the adapter a client sends per round / bytes of the full model's weights.
+3. upload: bytes of the adapter a client sends per round / bytes of the full model's weights, for each wire
+   format (transport.dtype fp32, fp16, int8), with LoRA and with FFA-LoRA (model.lora.train_a=false).
 4. Flower overhead: wall time of `flwr run` (a local simulation) / the same training, aggregation and
    evaluation in a plain Python loop (a separate process, calling the same dplora functions).
 5. round time vs number of sampled clients (fixed data per client), with a least-squares line.
@@ -40,7 +41,8 @@ sys.path.insert(0, str(ROOT))
 import torch
 from flwr.app import RecordDict
 
-from dplora import client, config, data, models, simulation
+from dplora import client, config, data, models, simulation, transport
+from dplora.config import TRANSPORT_DTYPES
 from dplora.privacy import (
     GRAD_SAMPLE_MODES,
     PrivacyAccount,
@@ -189,12 +191,25 @@ def memory(model_name: str, overrides: str, batch_size: int, steps: int, mode: s
 # ---------------------------------------------------------------------------------------- 3. upload
 
 def upload(model_name: str, overrides: str) -> dict:
-    cfg = config.compose(f"model={model_name} {overrides}")
-    model, _ = models.build_model(cfg, "cpu")
-    sent = sum(len(array.data) for array in models.to_arrays(model).values())  # the reply's tensors
-    full = sum(p.numel() * p.element_size() for name, p in model.named_parameters()
-               if "lora_" not in name and "modules_to_save" not in name)  # the model without the adapter
-    return {"upload_bytes": sent, "model_bytes": full, "fraction": sent / full}
+    """Bytes of one reply's arrays (as the ArrayRecord carries them) / bytes of the full model, for every wire
+    format, for the configured adapter and for FFA-LoRA. The update encoded is a real-sized random one."""
+    result = {}
+    for variant, extra in (("lora", ""), ("ffa", " model.lora.train_a=false")):
+        cfg = config.compose(f"model={model_name} {overrides}{extra}")
+        model, _ = models.build_model(cfg, "cpu")
+        full = sum(p.numel() * p.element_size() for name, p in model.named_parameters()
+                   if "lora_" not in name and "modules_to_save" not in name)  # the model without the adapter
+        start = models.adapter_state(model)
+        trained = {k: v + 1e-3 * torch.randn_like(v) for k, v in start.items()}
+        sent = {dtype: transport.wire_bytes(transport.encode(trained, start, dtype)) for dtype in TRANSPORT_DTYPES}
+        result[variant] = {"upload_bytes": sent, "model_bytes": full,
+                           "fraction": {dtype: b / full for dtype, b in sent.items()},
+                           "tensors": len(start), "values": sum(v.numel() for v in start.values())}
+    default = config.compose(f"model={model_name} {overrides}")
+    variant = "lora" if default.model.lora.train_a else "ffa"
+    result["default"] = {"variant": variant, "dtype": default.transport.dtype,
+                         "fraction": result[variant]["fraction"][default.transport.dtype]}
+    return result
 
 
 # -------------------------------------------------------------------------- 4-5. Flower vs a plain loop
@@ -317,7 +332,11 @@ def run(quick: bool, model_names: tuple[str, ...] = MODELS, flower: bool = True,
     if model_names:  # headline figures (targets in docs/PERFORMANCE.md): the worse model's where there are two
         result["dp_step_ratio"] = max(r["ratio"][r["best_mode"]] for r in result["step_time"].values())
         result["dp_memory_ratio"] = max(r["ratio"] for r in result["memory"].values())
-        result["upload_fraction"] = max(r["fraction"] for r in result["upload"].values())
+        # the default adapter and wire format; and the default adapter in each format (the worse model's)
+        result["upload_fraction"] = max(r["default"]["fraction"] for r in result["upload"].values())
+        result["upload_fraction_by_format"] = {
+            dtype: max(r[r["default"]["variant"]]["fraction"][dtype] for r in result["upload"].values())
+            for dtype in TRANSPORT_DTYPES}
     result["padding"] = {}
     for name in ("fpb", "sst2"):
         log(f"padding: {name}, micro-batched vs padded")
@@ -391,8 +410,11 @@ def table(result: dict) -> str:
                      f"({r['private']['peak_mb']:.0f} vs {r['non_private']['peak_mb']:.0f} MB; "
                      f"training's own: {r['training_ratio']:.2f}x) |")
     for name, r in result["upload"].items():
-        lines.append(f"| upload / full model, {name} | {100 * r['fraction']:.3f}% "
-                     f"({r['upload_bytes'] / 1e6:.2f} of {r['model_bytes'] / 1e6:.1f} MB) |")
+        for variant, label in (("lora", "LoRA"), ("ffa", "FFA-LoRA")):
+            v = r[variant]
+            sizes = ", ".join(f"{d} {100 * v['fraction'][d]:.3f}% ({v['upload_bytes'][d] / 1e3:.0f} kB)"
+                              for d in TRANSPORT_DTYPES)
+            lines.append(f"| upload / full model ({v['model_bytes'] / 1e6:.1f} MB), {name}, {label} | {sizes} |")
     if "flower_overhead" in result:
         o, fit = result["flower_overhead"], result["round_time_fit"]
         lines.append(f"| `flwr run` / plain loop ({o['clients']} clients) | {result['flower_overhead_ratio']:.3f}x "

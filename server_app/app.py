@@ -10,7 +10,7 @@ from pathlib import Path
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
-from dplora import config, data, models
+from dplora import config, data, models, transport
 from dplora.results import RunRecorder, load_checkpoint, write_json
 from dplora.train import device, evaluate
 from server_app.strategy import OwnerGuard, build_strategy
@@ -61,10 +61,10 @@ def main(grid: Grid, context: Context) -> None:
     strategy = OwnerGuard(build_strategy(cfg), recorder, latest["arrays"], privacy=cfg.privacy,
                           min_clients=cfg.strategy.min_clients, round_offset=done, timeout=cfg.strategy.round_timeout,
                           max_update_norm=cfg.strategy.max_update_norm,
-                          update_norm_action=cfg.strategy.update_norm_action)
+                          update_norm_action=cfg.strategy.update_norm_action, transport_dtype=cfg.transport.dtype)
     if done < cfg.num_rounds:
         strategy.start(grid=grid, initial_arrays=latest["arrays"], num_rounds=cfg.num_rounds - done,
-                       timeout=cfg.strategy.round_timeout, train_config=ConfigRecord({"run-key": run_key}),
+                       timeout=cfg.strategy.round_timeout, train_config=ConfigRecord({"run-key": run_key, transport.CONFIG_KEY: cfg.transport.dtype}),
                        evaluate_fn=evaluate_global)
     models.from_arrays(model, latest["arrays"])
     save_adapter(model, out_dir / "adapter", {"round": cfg.num_rounds, "run_key": run_key})

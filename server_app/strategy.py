@@ -42,6 +42,7 @@ from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 from omegaconf import DictConfig
 
 from dplora.client import ARRAYS, METRICS, STATUS
+from dplora import transport
 from dplora.models import check_adapter
 from dplora.privacy import epsilon as derive_epsilon
 from dplora.results import PRIVACY_KEYS, RunRecorder, client_record
@@ -116,10 +117,13 @@ class OwnerGuard(Strategy):
 
     def __init__(self, strategy: Strategy, recorder: RunRecorder, reference: ArrayRecord, *, privacy: DictConfig,
                  min_clients: int, round_offset: int = 0, timeout: float = 3600,
-                 max_update_norm: float | str | None = None, update_norm_action: str = "clip"):
+                 max_update_norm: float | str | None = None, update_norm_action: str = "clip",
+                 transport_dtype: str = "fp32"):
         """`privacy`: the run's privacy config (target_epsilon, delta, accountant), which every reply's privacy
-        record is checked against. `round_offset`: a resumed run's rounds continue the numbering of the first."""
+        record is checked against. `round_offset`: a resumed run's rounds continue the numbering of the first.
+        `transport_dtype`: the one format (dplora/transport.py) the owners' adapters may arrive in."""
         self.strategy, self.recorder, self.privacy = strategy, recorder, privacy
+        self.transport_dtype = transport_dtype
         self.reference = reference.to_torch_state_dict()  # the adapter's keys, shapes and dtypes
         self.min_clients, self.round_offset, self.timeout = min_clients, round_offset, timeout
         self.max_update_norm, self.update_norm_action = max_update_norm, update_norm_action
@@ -163,7 +167,13 @@ class OwnerGuard(Strategy):
                 failed.append({"node_id": node, "reason": str(msg.error.reason)})
                 continue
             problem = self.invalid(msg.content)
-            derived = None
+            derived, state = None, None
+            if problem is None and ARRAYS in msg.content.array_records:
+                try:  # exactly the configured format, finite, the adapter's names and shapes
+                    state = transport.decode(msg.content[ARRAYS], self.current, self.transport_dtype)
+                    check_adapter(state, self.reference)
+                except Exception as err:  # noqa: BLE001 - whatever a client sends must not crash the server
+                    problem = str(err)
             if problem is None:
                 derived, problem = self.rederived_epsilon(msg.content[METRICS])
             if problem is not None:
@@ -176,7 +186,7 @@ class OwnerGuard(Strategy):
                 log.warning("round %d: node %d refused: %s", server_round, node, reason)
                 refused.append({**record, "reason": reason})
                 continue
-            trained.append((msg, record, self.update(msg.content[ARRAYS]), derived))
+            trained.append((msg, record, self.update(state), derived))
         trained = self.bound_updates(server_round, trained, failed)
         for msg, record, update, derived in trained:
             # What the aggregator sees: the (bounded) adapter, an equal weight and the re-derived epsilon.
@@ -203,9 +213,8 @@ class OwnerGuard(Strategy):
 
     # -- influence ---------------------------------------------------------------------------------------
 
-    def update(self, arrays: ArrayRecord) -> dict[str, torch.Tensor]:
+    def update(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The owner's update, reply minus the current global adapter, in float64 (no overflow in its norm)."""
-        state = arrays.to_torch_state_dict()
         return {k: state[k].double() - self.current[k].double() for k in self.current}
 
     def bound_updates(self, server_round: int, trained: list, failed: list) -> list:
@@ -270,12 +279,6 @@ class OwnerGuard(Strategy):
                 return f"metric {key}={value!r} is negative or not a number"
             if math.isinf(value) and key != "epsilon":
                 return f"metric {key} is infinite"
-        if refusal:
-            return None
-        try:
-            check_adapter(content[ARRAYS].to_torch_state_dict(), self.reference)
-        except Exception as err:  # noqa: BLE001 - whatever a client sends must not crash the server
-            return str(err)
         return None
 
     def rederived_epsilon(self, metrics: MetricRecord) -> tuple[float | None, str | None]:

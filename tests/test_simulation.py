@@ -127,16 +127,25 @@ def test_server_killed_after_round_1_resumes_without_losing_a_round_or_a_budget(
     assert json.loads((out / "adapter" / "round.json").read_text())["round"] == 3
 
 
-def test_fedprox_with_user_level_dp_end_to_end(superlink_env, tmp_path):
-    """Another Flower strategy by config, inside Flower's DP-FedAvg wrapper: both guarantees are recorded and
-    re-derive with the independent accountants."""
+def test_fedprox_with_user_level_dp_ffa_lora_and_int8_upload_end_to_end(superlink_env, tmp_path):
+    """Another Flower strategy by config, inside Flower's DP-FedAvg wrapper with Flower's clipping mod on the
+    owners: both guarantees are recorded and re-derive with the independent accountants. FFA-LoRA and int8
+    upload ride along: the transport mod wraps the clipping mod, and every reply is accepted."""
     overrides = (f"{OVERRIDES} strategy=fedprox strategy.user_dp.enabled=true strategy.user_dp.owners_per_round=2 "
-                 "strategy.user_dp.target_epsilon=10 strategy.user_dp.clipping_norm=0.5")
+                 "strategy.user_dp.target_epsilon=10 strategy.user_dp.clipping_norm=0.5 strategy.user_dp.side=client "
+                 "model.lora.train_a=false transport.dtype=int8")
     metrics = flwr_run(overrides, tmp_path / "run", num_supernodes=2, env=superlink_env, timeout=600)
     assert metrics["config"]["strategy"]["aggregator"]["_target_"] == "flwr.serverapp.strategy.FedProx"
     users = [r["user_level"] for r in metrics["rounds"]]
     assert [u["releases"] for u in users] == [1, 2] and users[0]["epsilon"] < users[1]["epsilon"] <= 10
-    assert all(len(r["clients"]) == 2 and r["aggregated"] for r in metrics["rounds"])
+    assert all(len(r["clients"]) == 2 and r["aggregated"] and not r["failed"] for r in metrics["rounds"])
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import load_file
+    saved = load_file(tmp_path / "run" / "adapter" / "adapter_model.safetensors")
+    fresh = get_peft_model_state_dict(models.build_model(config.compose(overrides))[0])
+    a_keys = [k for k in fresh if "lora_A" in k]
+    assert a_keys and all(torch.equal(saved[k], fresh[k]) for k in a_keys)  # FFA: A never moved
+    assert any(not torch.equal(saved[k], fresh[k]) for k in fresh if "lora_B" in k)
     verify = subprocess.run([sys.executable, "scripts/verify_privacy.py", str(tmp_path / "run" / "metrics.json")],
                             cwd=ROOT, capture_output=True, text=True)
     assert verify.returncode == 0, verify.stdout + verify.stderr

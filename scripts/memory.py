@@ -1,0 +1,112 @@
+"""Does a long run's memory stay flat? The peak resident memory of one process that plays every data owner
+for many rounds, as a simulation's ClientApp worker does (docs/PERFORMANCE.md, "Memory over a long run").
+
+    python scripts/memory.py --out memory.json                 # MiniLM, FPB, 5 owners, epsilon 8, 20 rounds
+    python scripts/memory.py --out memory.json --quick         # tiny-llama on the synthetic set, 20 rounds
+    python scripts/memory.py --out memory.json --rounds 30 -- dataset=sst2 dataset.max_train=2000
+
+Each round, every owner trains through `dplora.client.train` (the function the ClientApp calls, with its
+process-wide model and data cache), the server's OwnerGuard screens and averages the replies, and the global
+adapter is evaluated, all in this one process. The peak resident set (VmHWM, reset at the start of each
+round) is recorded per round, with the live Python objects' count; the JSON has one row per round and
+`growth_after_round_2`: the largest round's peak over round 2's, minus 1 (the target is <= 0.05).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict  # noqa: E402
+from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
+
+from dplora import client, config, data, models  # noqa: E402
+from dplora.results import RunRecorder  # noqa: E402
+from dplora.train import device, evaluate  # noqa: E402
+from server_app.strategy import OwnerGuard, build_strategy  # noqa: E402
+
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+def rss_mb(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def reset_peak() -> None:
+    with open("/proc/self/clear_refs", "w") as f:  # the peak resident set (VmHWM) restarts from now
+        f.write("5")
+
+
+class Nodes:
+    def __init__(self, n: int):
+        self.n = n
+
+    def get_node_ids(self):
+        return list(range(1, self.n + 1))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, help="where to write the JSON")
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--owners", type=int, default=5)
+    parser.add_argument("--quick", action="store_true", help="tiny-llama on the synthetic set")
+    parser.add_argument("overrides", nargs="*", help="more Hydra overrides (after --)")
+    args = parser.parse_args()
+    if args.rounds < 3 or args.owners < 1:
+        parser.error("--rounds must be at least 3 and --owners at least 1")
+    base = ("model=tiny-llama dataset.num_train=600 dataset.num_test=100 train.batch_size=16" if args.quick else
+            f"model=minilm dataset=fpb dataset.path={SHARED_DATA / 'fpb'}")
+    overrides = f"{base} num_rounds={args.rounds} {' '.join(args.overrides)}"
+    cfg = config.compose(overrides)
+    print(f"[memory] {overrides}; {args.owners} owners, {args.rounds} rounds", flush=True)
+    model, tokenizer = models.build_model(cfg, device())
+    sets, labels = data.test_sets(cfg, tokenizer)
+    arrays = models.to_arrays(model)
+    guard = OwnerGuard(build_strategy(cfg), RunRecorder(Path(args.out).with_suffix(".run"), {}, args.rounds, "k"),
+                       arrays, privacy=cfg.privacy, min_clients=1, max_update_norm=cfg.strategy.max_update_norm)
+    for attribute in ("_run_id", "_task_id", "_node_id"):  # Messages made outside a Flower process need these
+        setattr(TaskIdentity, attribute, 1)
+    states = [RecordDict() for _ in range(args.owners)]
+    rows = []
+    for server_round in range(1, args.rounds + 1):
+        gc.collect()
+        reset_peak()
+        start = time.time()
+        guard.configure_train(server_round, arrays, ConfigRecord(), Nodes(args.owners))
+        replies = []
+        for i in range(args.owners):
+            content = client.train(cfg, arrays, states[i], server_round=server_round, run_key="memory",
+                                   node_config={"partition-id": i, "num-partitions": args.owners})
+            request = Message(RecordDict(), dst_node_id=i + 1, message_type=MessageType.TRAIN)
+            replies.append(Message(content, reply_to=request))
+        aggregated, _ = guard.aggregate_train(server_round, replies)
+        arrays = aggregated if aggregated is not None else arrays
+        models.from_arrays(model, arrays)
+        accuracy = evaluate(model, sets, labels, cfg)["accuracy"]
+        guard.recorder.record_round(server_round, {"accuracy": accuracy, "loss": None, "macro_f1": None})
+        rows.append({"round": server_round, "peak_mb": rss_mb("VmHWM"), "end_mb": rss_mb("VmRSS"),
+                     "objects": len(gc.get_objects()), "accuracy": accuracy, "seconds": time.time() - start})
+        print(f"[memory] round {server_round}/{args.rounds}: peak {rows[-1]['peak_mb']:.0f} MB, after "
+              f"{rows[-1]['end_mb']:.0f} MB, {rows[-1]['objects']} objects, accuracy {accuracy:.3f}, "
+              f"{rows[-1]['seconds']:.0f}s", flush=True)
+    second = rows[1]["peak_mb"]
+    result = {"overrides": overrides, "owners": args.owners, "rounds": rows,
+              "growth_after_round_2": max(r["peak_mb"] for r in rows[1:]) / second - 1}
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    print(f"[memory] largest peak after round 2 / round 2's: {1 + result['growth_after_round_2']:.3f}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
