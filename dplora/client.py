@@ -23,6 +23,7 @@ The owner's node config decides where its data and its ledger are, and what it a
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -132,6 +133,21 @@ def public_sample_rate(cfg: DictConfig, public_size: int | None) -> float:
     return sample_rate(cfg.train.batch_size, public_size)
 
 
+def with_batch_size(cfg: DictConfig, q: float, public_size: int | None) -> DictConfig:
+    """`cfg` with train.batch_size set: as configured, or (train.batch_size=null, a recipe that names the
+    expected batch as a share of the local data through train.sample_rate) q x the owner's public size."""
+    if cfg.train.batch_size is not None:
+        return cfg
+    if public_size is None:
+        raise config.ConfigError(
+            "train.batch_size=null takes the expected batch size (the noisy sum's public normalizer) as "
+            "train.sample_rate x this owner's public size, and this owner publishes none: set train.batch_size, "
+            "or public-num-examples=N in its node config")
+    resolved = copy.deepcopy(cfg)
+    resolved.train.batch_size = max(1, round(q * public_size))
+    return resolved
+
+
 def load_account(state: RecordDict, cfg: DictConfig, public_size: int | None, ledger: PrivacyLedger | None,
                  run_key: str) -> PrivacyAccount:
     """This owner's account: from `context.state` during a run; from its ledger after a restart (resume);
@@ -190,6 +206,7 @@ def train(cfg: DictConfig, arrays: ArrayRecord, state: RecordDict, *, node_confi
     owner = owner_name(node_config)
     first = STATE_KEY not in state.config_records
     account = load_account(state, cfg, public_size, ledger, run_key)
+    cfg = with_batch_size(cfg, account.sample_rate, public_size)
     next_steps = steps_per_round(account.sample_rate, cfg.train.local_epochs)
     if first:  # describe the local data in the owner's own log (it never leaves the owner)
         log.info("%s, %s: %s", owner, where, data.label_mix(local, list(cfg.dataset.label_names)))

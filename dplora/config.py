@@ -128,7 +128,9 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"resume must be true, false or a checkpoint folder (got {resume!r})")
     _number(cfg, "seed", kind=int, low=0)
     _number(cfg, "train.local_epochs", kind=int, low=1)
-    _number(cfg, "train.batch_size", kind=int, low=1)
+    if _number(cfg, "train.batch_size", kind=int, low=1, nullable=True) is None and cfg.train.sample_rate is None:
+        raise ConfigError("train.batch_size=null needs train.sample_rate (the expected batch is then that share "
+                          "of each owner's public size)")
     _number(cfg, "train.sample_rate", low=0, high=1, low_open=True, nullable=True)
     _number(cfg, "train.micro_batch_size", kind=int, low=1)
     _number(cfg, "train.learning_rate", low=0, low_open=True)

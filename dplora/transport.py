@@ -77,13 +77,13 @@ def decode(arrays: ArrayRecord, reference: dict[str, torch.Tensor], dtype: str) 
     if dtype == "fp16":
         return {k: reference[k].float() + state[k].float() for k in reference}
     decoded = {}
-    for key in reference:
+    for key, start in reference.items():
         scale = float(state[key + SCALE])
         if not scale > 0:
             raise ValueError(f"adapter array {key + SCALE} must be a positive scale (got {scale})")
         if (state[key] < -INT8_MAX).any():
             raise ValueError(f"adapter array {key} holds -128, outside the symmetric int8 range")
-        decoded[key] = reference[key].float() + state[key].float() * scale
+        decoded[key] = start.float() + state[key].float() * scale
     return decoded
 
 

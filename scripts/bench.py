@@ -314,8 +314,23 @@ def padding(name: str, quick: bool, micro: int | None = None) -> dict:
 
 # ------------------------------------------------------------------------------------------- the suite
 
-def run(quick: bool, model_names: tuple[str, ...] = MODELS, flower: bool = True, micro: int | None = None) -> dict:
+def upload_figures(result: dict, model_names: tuple[str, ...], fpb: str) -> None:
+    """Section 3, and its headline figures: the default adapter and format; the default adapter by format."""
+    for name in model_names:
+        result["upload"][name] = upload(name, fpb)
+    result["upload_fraction"] = max(r["default"]["fraction"] for r in result["upload"].values())
+    result["upload_fraction_by_format"] = {
+        dtype: max(r[r["default"]["variant"]]["fraction"][dtype] for r in result["upload"].values())
+        for dtype in TRANSPORT_DTYPES}
+
+
+def run(quick: bool, model_names: tuple[str, ...] = MODELS, flower: bool = True, micro: int | None = None,
+        upload_only: bool = False) -> dict:
     fpb = fpb_overrides()
+    if upload_only:
+        result = {"quick": quick, "upload": {}}
+        upload_figures(result, model_names, fpb)
+        return result
     batch, repeats, steps = (16, 3, 1) if quick else (64, 7, 3)
     result: dict = {"quick": quick, "device": str(device()), "torch_threads": torch.get_num_threads(),
                     "cache": os.environ.get("DPLORA_CACHE", "1") != "0",
@@ -328,15 +343,10 @@ def run(quick: bool, model_names: tuple[str, ...] = MODELS, flower: bool = True,
         mode = result["step_time"][name]["auto_mode"]
         log(f"memory: {name}, mode {mode} vs no DP (fresh processes)")
         result["memory"][name] = memory(name, fpb, batch, 2 if quick else 5, mode)
-        result["upload"][name] = upload(name, fpb)
+    upload_figures(result, model_names, fpb)
     if model_names:  # headline figures (targets in docs/PERFORMANCE.md): the worse model's where there are two
         result["dp_step_ratio"] = max(r["ratio"][r["best_mode"]] for r in result["step_time"].values())
         result["dp_memory_ratio"] = max(r["ratio"] for r in result["memory"].values())
-        # the default adapter and wire format; and the default adapter in each format (the worse model's)
-        result["upload_fraction"] = max(r["default"]["fraction"] for r in result["upload"].values())
-        result["upload_fraction_by_format"] = {
-            dtype: max(r[r["default"]["variant"]]["fraction"][dtype] for r in result["upload"].values())
-            for dtype in TRANSPORT_DTYPES}
     result["padding"] = {}
     for name in ("fpb", "sst2"):
         log(f"padding: {name}, micro-batched vs padded")
@@ -399,13 +409,13 @@ def fmt(ratios: dict) -> str:
 
 def table(result: dict) -> str:
     lines = ["| figure | value |", "|---|---|"]
-    for name, r in result["step_time"].items():
+    for name, r in result.get("step_time", {}).items():
         lines.append(f"| DP step time / non-private, {name} (batch {r['batch_size']}, {r['sequence_length']} tokens) "
                      f"| {fmt(r['ratio'])}; best: {r['best_mode']} |")
         if "answer_logits_speedup" in r:
             lines.append(f"| step time with all logits / answer logits only, {name} (non-private) "
                          f"| {r['answer_logits_speedup']:.2f}x |")
-    for name, r in result["memory"].items():
+    for name, r in result.get("memory", {}).items():
         lines.append(f"| DP peak memory / non-private, {name} ({r['mode']}) | {r['ratio']:.3f}x "
                      f"({r['private']['peak_mb']:.0f} vs {r['non_private']['peak_mb']:.0f} MB; "
                      f"training's own: {r['training_ratio']:.2f}x) |")
@@ -443,6 +453,7 @@ def main() -> None:
     parser.add_argument("--out", required=True, type=Path, help="where to write the JSON results")
     parser.add_argument("--quick", action="store_true", help="a reduced version (~2 min)")
     parser.add_argument("--skip-flower", action="store_true", help="sections 1-3 only (no Flower runs)")
+    parser.add_argument("--upload-only", action="store_true", help="section 3 only (bytes on the wire; seconds)")
     parser.add_argument("--models", nargs="*", choices=MODELS, default=list(MODELS),
                         help="models for the step-time, memory and upload figures (default: both; "
                              "none: the Flower figures only)")
@@ -453,7 +464,8 @@ def main() -> None:
         parser.error("--micro-batch-size must be >= 1")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    result = run(args.quick, tuple(args.models), flower=not args.skip_flower, micro=args.micro_batch_size)
+    result = run(args.quick, tuple(args.models), flower=not args.skip_flower, micro=args.micro_batch_size,
+                 upload_only=args.upload_only)
     result["seconds"] = time.perf_counter() - start
     bad = [k for k in HEADLINE if k in result and not (math.isfinite(result[k]) and result[k] > 0)]
     args.out.write_text(json.dumps(result, indent=2))

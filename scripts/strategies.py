@@ -21,14 +21,13 @@ Every stage is scripts/sweep.py multiruns (full `flwr run` simulations); a finis
 from __future__ import annotations
 
 import json
-import os
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-DATA = Path(os.environ.get("DPLORA_SHARED_DATA", ROOT.parent / "shared" / "data"))
+from stages import DATA, final
+from stages import sweep as run_stage
+
 COMMON = ["model=minilm", "num_rounds=3", "sweep.num_supernodes=5", f"data_dir={DATA}", "dataset=fpb",
           "partitioner=dirichlet", "partitioner.alpha=0.5", "dataset.validation_fraction=0.2",
           "train.optimizer=sgd", "train.learning_rate=0.2", "train.momentum=0.9", "train.local_epochs=1",
@@ -45,19 +44,7 @@ SEEDS = (1, 2)  # seed 0 is the tuning run
 
 
 def sweep(folder: Path, overrides: list[str]) -> None:
-    if (folder / "stage.done").exists():
-        print(f"[strategies] {folder.name}: finished before, skipped", flush=True)
-        return
-    print(f"[strategies] {folder.name}: {' '.join(overrides)}", flush=True)
-    run = subprocess.run([sys.executable, "scripts/sweep.py", "-m", *COMMON, *overrides,
-                          f"hydra.sweep.dir={folder}"], cwd=ROOT)
-    if run.returncode:
-        raise SystemExit(f"[strategies] {folder.name} failed; rerun to retry it")
-    (folder / "stage.done").touch()
-
-
-def final_accuracy(folder: Path, key: str = "accuracy") -> list[float]:
-    return [json.loads(p.read_text())["rounds"][-1][key] for p in sorted(folder.rglob("metrics.json"))]
+    run_stage(folder, [*COMMON, *overrides], "strategies")
 
 
 def main() -> int:
@@ -73,9 +60,9 @@ def main() -> int:
                 folder = out / "tune" / f"{name}-{arm.replace(' ', '')}-{i}"
                 sweep(folder, [privacy, f"strategy={name}", *setting, "eval.split=validation",
                                "eval.also_test=true", "seed=0"])
-                scores.append(final_accuracy(folder)[0])
+                scores.append(final(folder)[0])
             best = max(range(len(settings)), key=scores.__getitem__)
-            seed0[(name, arm)] = final_accuracy(out / "tune" / f"{name}-{arm.replace(' ', '')}-{best}",
+            seed0[(name, arm)] = final(out / "tune" / f"{name}-{arm.replace(' ', '')}-{best}",
                                                 "test_accuracy")[0]
             chosen[(name, arm)], tried[(name, arm)] = settings[best], list(zip(map(" ".join, settings), scores,
                                                                               strict=True))
@@ -84,7 +71,7 @@ def main() -> int:
         for name in CANDIDATES:
             folder = out / "test" / f"{name}-{arm.replace(' ', '')}"
             sweep(folder, [privacy, f"strategy={name}", *chosen[(name, arm)], "seed=" + ",".join(map(str, SEEDS))])
-            acc = [seed0[(name, arm)], *final_accuracy(folder)]
+            acc = [seed0[(name, arm)], *final(folder)]
             rows.append({"strategy": name, "arm": arm, "setting": " ".join(chosen[(name, arm)]) or "-",
                          "validation_tried": tried[(name, arm)], "seeds": len(acc), "accuracy": acc,
                          "mean": statistics.mean(acc), "std": statistics.stdev(acc) if len(acc) > 1 else 0.0})

@@ -41,8 +41,8 @@ from flwr.supercore.privacy_accounting import (
 from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 from omegaconf import DictConfig
 
-from dplora.client import ARRAYS, METRICS, STATUS
 from dplora import transport
+from dplora.client import ARRAYS, METRICS, STATUS
 from dplora.models import check_adapter
 from dplora.privacy import epsilon as derive_epsilon
 from dplora.results import PRIVACY_KEYS, RunRecorder, client_record

@@ -188,3 +188,20 @@ def test_each_log_line_appears_once():
     code = "import logging; from dplora import client; logging.getLogger('flwr.dplora.x').info('one line')"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert (out.stdout + out.stderr).count("one line") == 1
+
+
+def test_a_recipe_can_name_the_batch_as_a_share_of_the_local_data(tmp_path):
+    """train.batch_size=null with train.sample_rate=q: the expected batch (the noisy sum's public normalizer) is
+    q x the owner's public size; an owner publishing no size is told what to set; the config says what is
+    missing when neither is set."""
+    cfg = config.compose("model=tiny-llama dataset.num_train=120 num_rounds=1 train.local_epochs=1 "
+                         "train.batch_size=null train.sample_rate=0.5")
+    assert client.with_batch_size(cfg, 0.5, 60).train.batch_size == 30
+    assert cfg.train.batch_size is None  # the run's config itself is left alone
+    reply = client.train(cfg, models.to_arrays(models.build_model(cfg)[0]), RecordDict(), server_round=1,
+                         node_config={"partition-id": 0, "num-partitions": 2})
+    assert reply["metrics"]["sample_rate"] == 0.5 and reply["metrics"]["steps"] == 2
+    with pytest.raises(config.ConfigError, match="publishes none"):
+        client.with_batch_size(cfg, 0.5, None)
+    with pytest.raises(config.ConfigError, match="train.batch_size=null needs train.sample_rate"):
+        config.compose("train.batch_size=null")

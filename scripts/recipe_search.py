@@ -1,0 +1,111 @@
+"""The DP recipe: which training settings make a model worth having at a given epsilon (docs/RESULTS.md,
+"Privacy-utility frontier"). Every choice is made on a validation split carved from the training data, never
+on the test split; both arms (epsilon 8 and non-private) get their own best settings from the same grid.
+
+    python scripts/recipe_search.py [OUT_DIR] [--dataset fpb|sst2]   (default results/recipe, both datasets,
+                                                                       FPB first; data: ../shared/data)
+
+Every run: MiniLM, 5 owners, IID, seed 0, dataset.validation_fraction=0.2, eval.split=validation (the test
+split is recorded beside it, eval.also_test, and never looked at by a choice), AdamW, expected batch = a share
+q of each owner's data (train.sample_rate=q, train.batch_size=null), 1 local epoch per round.
+
+1. grid, each arm: q in {0.05, 0.2, 0.5} x learning rate in {1e-3, 3e-3, 1e-2}, 5 rounds (the same 5
+   passes over the data: 100, 25 and 10 steps), with FFA-LoRA
+   (model.lora.train_a=false) and the head from label descriptions (model.head_init=descriptions).
+2. more, at each arm's best: 10 rounds (twice the steps, the same budget: the noise is recalibrated);
+   epsilon 8 also clipping norm C = 0.1 (against 1.0).
+3. levers, at the epsilon-8 best: plain LoRA (A trains too) at the best rate and a tenth of it (the FFA paper
+   uses a 10x larger rate for FFA); a random head.
+4. lower budgets: epsilon 1 and 4 with the epsilon-8 recipe at its rate and a third of it.
+
+OUT_DIR/<dataset>/recipe.json and recipe.md: every run's validation accuracy, what was chosen at each stage,
+and how many settings were tried (a setting tried in two stages counts once). A finished run is marked and
+skipped when the script runs again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from stages import DATA, final, sweep
+
+COMMON = ["model=minilm", "sweep.num_supernodes=5", f"data_dir={DATA}", "partitioner=iid", "seed=0",
+          "dataset.validation_fraction=0.2", "eval.split=validation", "eval.also_test=true",
+          "train.optimizer=adamw", "train.batch_size=null", "train.local_epochs=1"]
+DATASETS = {"fpb": ["dataset=fpb"], "sst2": ["dataset=sst2", "dataset.max_train=2000"]}
+ARMS = {"eps8": "privacy.target_epsilon=8", "nonprivate": "privacy.target_epsilon=null"}
+BASE = {"model.lora.train_a": "false", "model.head_init": "descriptions", "num_rounds": "5",
+        "privacy.max_grad_norm": "1.0"}
+SAMPLE_RATES = (0.05, 0.2, 0.5)
+RATES = (1e-3, 3e-3, 1e-2)
+
+
+class Search:
+    def __init__(self, out: Path, dataset: str):
+        self.out, self.dataset, self.rows = out / dataset, dataset, []
+
+    def run(self, stage: str, arm: str, settings: dict) -> float:
+        """Validation accuracy of one run (run now, or read from before)."""
+        name = "-".join(f"{k.split('.')[-1]}={v}" for k, v in sorted(settings.items()))
+        folder = self.out / arm / name  # the same settings in two stages: one run
+        privacy = ARMS.get(arm, f"privacy.target_epsilon={arm.removeprefix('eps')}")
+        sweep(folder, [*COMMON, *DATASETS[self.dataset], privacy, *(f"{k}={v}" for k, v in settings.items())],
+              f"recipe {self.dataset}")
+        accuracy, test = final(folder)[0], final(folder, "test_accuracy")[0]
+        if all(r["folder"] != str(folder) for r in self.rows):
+            self.rows.append({"stage": stage, "arm": arm, "settings": settings, "validation_accuracy": accuracy,
+                              "test_accuracy": test, "folder": str(folder)})
+        return accuracy
+
+    def best(self, stage: str, arm: str, candidates: list[dict]) -> dict:
+        scores = [self.run(stage, arm, c) for c in candidates]
+        return candidates[max(range(len(candidates)), key=scores.__getitem__)]
+
+    def write(self, chosen: dict) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "recipe.json").write_text(json.dumps({"chosen": chosen, "runs": self.rows,
+                                                          "settings_tried": len(self.rows)}, indent=2))
+        lines = ["| stage | arm | settings | validation accuracy |", "| --- | --- | --- | --- |"]
+        lines += [f"| {r['stage']} | {r['arm']} | {' '.join(f'{k}={v}' for k, v in r['settings'].items())} | "
+                  f"{100 * r['validation_accuracy']:.2f} |" for r in self.rows]
+        lines += ["", *(f"- chosen, {arm}: {' '.join(f'{k}={v}' for k, v in s.items())}" for arm, s in chosen.items())]
+        (self.out / "recipe.md").write_text("\n".join(lines) + "\n")
+        print("\n".join(lines), flush=True)
+
+
+def search(out: Path, dataset: str) -> dict:
+    s, chosen = Search(out, dataset), {}
+    grid = [BASE | {"train.sample_rate": q, "train.learning_rate": lr} for q in SAMPLE_RATES for lr in RATES]
+    for arm in ARMS:
+        chosen[arm] = s.best("1-grid", arm, grid)
+    chosen["eps8"] = s.best("2-more", "eps8", [chosen["eps8"], chosen["eps8"] | {"num_rounds": "10"},
+                                                chosen["eps8"] | {"privacy.max_grad_norm": "0.1"}])
+    chosen["nonprivate"] = s.best("2-more", "nonprivate", [chosen["nonprivate"],
+                                                           chosen["nonprivate"] | {"num_rounds": "10"}])
+    best, lr = chosen["eps8"], chosen["eps8"]["train.learning_rate"]
+    s.best("3-levers", "eps8", [best | {"model.lora.train_a": "true"},
+                                best | {"model.lora.train_a": "true", "train.learning_rate": lr / 10},
+                                best | {"model.head_init": "random"}])
+    for arm in ("eps1", "eps4"):
+        chosen[arm] = s.best("4-budgets", arm, [best, best | {"train.learning_rate": lr / 3}])
+    s.write(chosen)
+    return chosen
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("out", nargs="?", default="results/recipe", type=Path)
+    parser.add_argument("--dataset", choices=sorted(DATASETS), action="append")
+    args = parser.parse_args()
+    for name in args.dataset or DATASETS:
+        if not (DATA / name / "train.jsonl").is_file():
+            parser.error(f"{DATA / name}/train.jsonl not found (set DPLORA_SHARED_DATA)")
+        search(args.out.resolve(), name)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
