@@ -4,8 +4,10 @@
 
 Reads every `*/metrics.json` below the folder (a sweep, or a folder holding several sweeps) and writes DIR/results.csv and DIR/results.md (final
 accuracy and macro-F1, mean +- std over seeds, per dataset x partitioner x target epsilon, with the epsilon
-actually spent and the wall-clock per job) and DIR/privacy_utility.png (accuracy vs epsilon, one line per
-dataset and partitioner, the non-private level as a dashed line). Jobs that failed are listed, not hidden.
+actually spent and the wall-clock per job) and DIR/privacy_utility.png (one panel per dataset: accuracy vs epsilon with error
+bars, a line per partitioner, the non-private level and the majority class as labelled horizontal lines). With
+`--before OLD_DIR`, the jobs below OLD_DIR are drawn beside them (hollow markers, thin lines) and tabulated in
+DIR/before.md. Jobs that failed are listed, not hidden.
 Jobs of one table row may differ only in seed (and data paths); other differences are an error.
 """
 
@@ -20,7 +22,7 @@ from collections import defaultdict
 from pathlib import Path
 
 FIELDS = ["dataset", "partitioner", "target_epsilon", "seeds", "accuracy_mean", "accuracy_std",
-          "macro_f1_mean", "macro_f1_std", "epsilon_spent_max", "seconds_mean"]
+          "macro_f1_mean", "macro_f1_std", "epsilon_spent_max", "seconds_mean", "majority"]
 
 
 def collect(sweep_dir: Path) -> tuple[list[dict], list[str]]:
@@ -36,7 +38,8 @@ def collect(sweep_dir: Path) -> tuple[list[dict], list[str]]:
         jobs.append({"dataset": cfg["dataset"]["name"], "partitioner": cfg["partitioner"]["name"],
                      "target_epsilon": cfg["privacy"]["target_epsilon"], "seed": cfg["seed"],
                      "accuracy": final["accuracy"], "macro_f1": final["macro_f1"], "epsilon": final["epsilon"],
-                     "seconds": final["seconds"], "settings": _settings(cfg), "folder": str(path.parent)})
+                     "seconds": final["seconds"], "settings": _settings(cfg), "folder": str(path.parent),
+                     "majority": (m.get("evaluation_split") or {}).get("majority_class")})
     failed += [str(p.parent) for p in sorted(sweep_dir.rglob("FAILED"))
                if not (p.parent / "metrics.json").exists()]
     return jobs, failed
@@ -84,7 +87,8 @@ def summarize(jobs: list[dict]) -> list[dict]:
                      "accuracy_mean": statistics.mean(acc), "accuracy_std": _std(acc),
                      "macro_f1_mean": statistics.mean(f1), "macro_f1_std": _std(f1),
                      "epsilon_spent_max": max(spent) if spent else None,
-                     "seconds_mean": statistics.mean(r["seconds"] for r in runs)})
+                     "seconds_mean": statistics.mean(r["seconds"] for r in runs),
+                     "majority": next((r["majority"] for r in runs if r.get("majority") is not None), None)})
     return rows
 
 
@@ -117,37 +121,66 @@ def write_markdown(rows: list[dict], failed: list[str], path: Path) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def plot(rows: list[dict], path: Path, before: list[dict] | None = None) -> None:
+    """One panel per dataset: final test accuracy vs target epsilon (log scale, the epsilons that were run),
+    mean +- std over seeds, a line per partitioner; each partitioner's non-private level (dashed) and the
+    majority class (grey, dotted) as labelled horizontal lines; `before` rows beside them, hollow and thin."""
     import matplotlib
     import matplotlib.ticker
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(9, 4.5))
-    series = defaultdict(list)
-    for r in rows:
-        series[(r["dataset"], r["partitioner"])].append(r)
-    for i, ((dataset, partitioner), points) in enumerate(sorted(series.items())):
-        color = f"C{i}"
-        private = [p for p in points if p["target_epsilon"] is not None]
-        if private:
-            ax.errorbar([p["target_epsilon"] for p in private], [100 * p["accuracy_mean"] for p in private],
-                        yerr=[100 * p["accuracy_std"] for p in private], marker="o", capsize=3, color=color,
-                        label=f"{dataset} ({partitioner})")
-        for p in points:
-            if p["target_epsilon"] is None:
-                ax.axhline(100 * p["accuracy_mean"], color=color, linestyle="--", linewidth=1,
-                           label=f"{dataset} ({partitioner}), non-private")
-    ax.set_xscale("log")
-    epsilons = sorted({r["target_epsilon"] for r in rows if r["target_epsilon"] is not None})
-    if epsilons:  # label the epsilons that were run, as plain numbers
-        ax.set_xticks(epsilons, [f"{e:g}" for e in epsilons])
-        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
-    ax.set_xlabel("target epsilon per data owner (delta fixed)")
-    ax.set_ylabel("final test accuracy (%)")
-    ax.set_title("Privacy-utility trade-off (dashed: non-private)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
+    runs = [("after" if before else None, rows)] + ([("before", before)] if before else [])
+    datasets = sorted({r["dataset"] for _, rs in runs for r in rs})
+    partitioners = sorted({r["partitioner"] for _, rs in runs for r in rs})
+    color = {p: f"C{i}" for i, p in enumerate(partitioners)}
+    fig, axes = plt.subplots(1, len(datasets), figsize=(4.2 * len(datasets), 4.2), squeeze=False)
+    for ax, dataset in zip(axes[0], datasets, strict=True):
+        values, epsilons = [], set()
+        for tag, rs in runs:
+            hollow = tag == "before"
+            for partitioner in partitioners:
+                points = [r for r in rs if r["dataset"] == dataset and r["partitioner"] == partitioner]
+                private = [p for p in points if p["target_epsilon"] is not None]
+                name = partitioner + (f", {tag}" if tag else "")
+                if private:
+                    eps = [p["target_epsilon"] for p in private]
+                    epsilons.update(eps)
+                    ax.errorbar(eps, [100 * p["accuracy_mean"] for p in private],
+                                yerr=[100 * p["accuracy_std"] for p in private], marker="o", capsize=3,
+                                color=color[partitioner], linewidth=0.8 if hollow else 1.8,
+                                markerfacecolor="white" if hollow else color[partitioner],
+                                alpha=0.6 if hollow else 1.0, label=name)
+                    values += [100 * (p["accuracy_mean"] + p["accuracy_std"]) for p in private]
+                for p in points:
+                    if p["target_epsilon"] is None:
+                        level = 100 * p["accuracy_mean"]
+                        values.append(level)
+                        ax.axhline(level, color=color[partitioner], linestyle="--",
+                                   linewidth=0.8 if hollow else 1.2, alpha=0.6 if hollow else 1.0)
+                        ax.annotate(f"non-private, {name}: {level:.1f}", (0.02, level), xycoords=("axes fraction",
+                                    "data"), fontsize=7, color=color[partitioner], va="bottom")
+        majority = next((r["majority"] for _, rs in runs for r in rs
+                         if r["dataset"] == dataset and r.get("majority") is not None), None)
+        if majority is not None:
+            ax.axhline(100 * majority, color="grey", linestyle=":", linewidth=1.2)
+            ax.annotate(f"majority class: {100 * majority:.1f}", (0.98, 100 * majority),
+                        xycoords=("axes fraction", "data"), fontsize=7, color="grey", ha="right", va="top")
+            values.append(100 * majority)
+        ax.set_xscale("log")
+        if epsilons:  # label the epsilons that were run, as plain numbers
+            ticks = sorted(epsilons)
+            ax.set_xticks(ticks, [f"{e:g}" for e in ticks])
+            ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+            ax.set_xlim(min(ticks) / 1.5, max(ticks) * 1.5)
+        if values:  # room above the top line and its label, and below the majority line's label
+            ax.set_ylim(min(values) - 6, max(values) + 6)
+        ax.set_title(dataset)
+        ax.set_xlabel("target epsilon per data owner")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7, loc="lower right")
+    axes[0][0].set_ylabel("final test accuracy (%)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -158,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("sweep_dir", type=Path, help="a sweep's folder (multirun/<date>/<time>)")
     parser.add_argument("--out", type=Path, required=True,
                         help="folder for results.csv, results.md and privacy_utility.png")
+    parser.add_argument("--before", type=Path, help="an earlier sweep to draw beside this one (and before.md)")
     args = parser.parse_args(argv)
     if not args.sweep_dir.is_dir():
         parser.error(f"{args.sweep_dir} is not a folder")
@@ -173,7 +207,18 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     write_csv(rows, args.out / "results.csv")
     write_markdown(rows, failed, args.out / "results.md")
-    plot(rows, args.out / "privacy_utility.png")
+    before = None
+    if args.before is not None:
+        if not args.before.is_dir():
+            parser.error(f"--before {args.before} is not a folder")
+        old_jobs, old_failed = collect(args.before)
+        try:
+            before = summarize(old_jobs) if old_jobs else []
+        except ValueError as err:
+            print(f"error (--before): {err}", file=sys.stderr)
+            return 1
+        write_markdown(before, old_failed, args.out / "before.md")
+    plot(rows, args.out / "privacy_utility.png", before)
     print((args.out / "results.md").read_text(), end="")
     print(f"wrote {args.out}/results.csv, results.md, privacy_utility.png from {len(jobs)} jobs"
           + (f"; {len(failed)} failed" if failed else ""))

@@ -43,6 +43,9 @@ def main(grid: Grid, context: Context) -> None:
         run_key, done, previous = checkpoint.run_key, checkpoint.round, checkpoint.metrics
         log.info("resuming run %s after round %d of %d", run_key, done, cfg.num_rounds)
     recorder = RunRecorder(out_dir, config.to_dict(cfg), cfg.num_rounds, run_key, previous)
+    recorder.data["evaluation_split"] = {  # public facts of the split the server scores (plots draw the majority)
+        "split": cfg.eval.split, "examples": len(test_labels),
+        "majority_class": float(test_labels.bincount().max()) / len(test_labels)}
     latest = {"arrays": models.to_arrays(model)}
 
     def evaluate_global(server_round: int, arrays: ArrayRecord) -> MetricRecord:

@@ -10,14 +10,17 @@ import pytest
 from .conftest import ROOT
 
 
-def job(folder, *, seed, accuracy, epsilon=8.0, lr=0.01, dataset="fpb", rounds=3, failed=False):
+def job(folder, *, seed, accuracy, epsilon=8.0, lr=0.01, dataset="fpb", rounds=3, failed=False, majority=None,
+        partitioner="iid"):
     folder.mkdir(parents=True)
     config = {"seed": seed, "num_rounds": 3, "data_dir": f"/data{seed}",
-              "dataset": {"name": dataset, "path": f"/data{seed}/{dataset}"}, "partitioner": {"name": "iid"},
+              "dataset": {"name": dataset, "path": f"/data{seed}/{dataset}"}, "partitioner": {"name": partitioner},
               "privacy": {"target_epsilon": epsilon}, "train": {"learning_rate": lr}}
     final = {"accuracy": accuracy, "macro_f1": accuracy - 0.1, "epsilon": epsilon and epsilon - 0.01,
              "seconds": 100.0 + seed}
     metrics = {"config": config, "rounds": [final] * rounds}
+    if majority is not None:
+        metrics["evaluation_split"] = {"split": "test", "examples": 100, "majority_class": majority}
     (folder / "metrics.json").write_text(json.dumps(metrics))
     if failed:
         (folder / "FAILED").write_text("boom")
@@ -57,3 +60,24 @@ def test_nothing_to_report(tmp_path):
     done = report(tmp_path, tmp_path / "out")
     assert done.returncode == 1 and "no finished job" in done.stderr
     assert report(tmp_path / "missing", tmp_path / "out").returncode != 0
+
+
+def test_the_plot_has_a_panel_per_dataset_and_draws_before_beside_after(tmp_path):
+    for i, (dataset, partitioner, eps, acc) in enumerate([
+            ("fpb", "iid", 1, 0.62), ("fpb", "iid", 8, 0.75), ("fpb", "iid", None, 0.80),
+            ("fpb", "dirichlet", 8, 0.65), ("sst2", "iid", 8, 0.70), ("sst2", "iid", None, 0.85)]):
+        job(tmp_path / "new" / str(i), seed=0, accuracy=acc, epsilon=eps, dataset=dataset, majority=0.594,
+            partitioner=partitioner)
+        job(tmp_path / "old" / str(i), seed=0, accuracy=acc - 0.1, epsilon=eps, dataset=dataset,
+            partitioner=partitioner)
+    done = subprocess.run([sys.executable, "scripts/report.py", str(tmp_path / "new"), "--out", str(tmp_path / "out"),
+                           "--before", str(tmp_path / "old")], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "| fpb | iid | 8 | 1 | 65.00" in (tmp_path / "out" / "before.md").read_text()
+    from PIL import Image
+    width, height = Image.open(tmp_path / "out" / "privacy_utility.png").size
+    assert width > 1.8 * height  # two panels side by side
+    missing = subprocess.run([sys.executable, "scripts/report.py", str(tmp_path / "new"), "--out",
+                              str(tmp_path / "out"), "--before", str(tmp_path / "nowhere")], cwd=ROOT,
+                             capture_output=True, text=True)
+    assert missing.returncode != 0 and "is not a folder" in missing.stderr
