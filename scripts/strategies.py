@@ -11,7 +11,9 @@ split among 5 owners by Dirichlet(0.5), non-private and at epsilon 8, three seed
    tuning run, which the choice never looked at.
 2. test: each strategy with its chosen setting, for each arm, seeds 1 and 2, on the test split (the same
    validation share held out of training, so the owners' data is the same as in the tuning runs).
-3. OUT_DIR/strategies.md and .json: accuracy mean +- std per strategy and arm, the chosen settings, and how many
+3. user-level DP: FedAvg at epsilon 8 inside Flower's DP-FedAvg wrapper (user-level epsilon 8), seeds 0-2 on the
+   test split, clipping at the FedAvg tuning run's median update norm.
+4. OUT_DIR/strategies.md and .json: accuracy mean +- std per strategy and arm, the chosen settings, and how many
    settings were tried.
 
 Every stage is scripts/sweep.py multiruns (full `flwr run` simulations); a finished multirun is marked
@@ -75,6 +77,7 @@ def main() -> int:
             rows.append({"strategy": name, "arm": arm, "setting": " ".join(chosen[(name, arm)]) or "-",
                          "validation_tried": tried[(name, arm)], "seeds": len(acc), "accuracy": acc,
                          "mean": statistics.mean(acc), "std": statistics.stdev(acc) if len(acc) > 1 else 0.0})
+    rows.append(user_level(out))
     (out / "strategies.json").write_text(json.dumps(rows, indent=2))
     lines = ["| strategy | arm | setting (chosen on validation) | settings tried | seeds | test accuracy |",
              "| --- | --- | --- | --- | --- | --- |"]
@@ -83,6 +86,24 @@ def main() -> int:
     (out / "strategies.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
+
+
+def user_level(out: Path) -> dict:
+    """What user-level DP costs: FedAvg at record-level epsilon 8 inside Flower's server-side DP-FedAvg wrapper
+    at user-level epsilon 8 (delta 1e-5) over the 3 rounds, seeds 0-2 on the test split. Clipping norm: the
+    median owner update norm of the FedAvg epsilon-8 tuning run (validation split), to 4 digits."""
+    tuned = json.loads(next((out / "tune" / "fedavg-epsilon8-0").rglob("metrics.json")).read_text())
+    clip = round(statistics.median(c["update_norm"] for r in tuned["rounds"] for c in r["clients"]), 4)
+    folder = out / "test" / "fedavg-epsilon8-userlevel8"
+    sweep(folder, [ARMS["epsilon 8"], "strategy=fedavg", "strategy.user_dp.enabled=true",
+                   f"strategy.user_dp.clipping_norm={clip}", "strategy.user_dp.target_epsilon=8", "seed=0,1,2"])
+    acc = final(folder)
+    users = [json.loads(p.read_text())["rounds"][-1]["user_level"] for p in sorted(folder.rglob("metrics.json"))]
+    return {"strategy": "fedavg + user-level DP", "arm": "epsilon 8",
+            "setting": f"clipping_norm={clip}, noise_multiplier={users[0]['noise_multiplier']:.3f}, user-level "
+                       f"epsilon {max(u['epsilon'] for u in users):.3f}",
+            "validation_tried": [], "seeds": len(acc), "accuracy": acc, "mean": statistics.mean(acc),
+            "std": statistics.stdev(acc)}
 
 
 if __name__ == "__main__":
