@@ -204,11 +204,13 @@ class OwnerGuard(Strategy):
             except Exception as err:  # noqa: BLE001 - the round is lost, not the run
                 log.error("round %d: %s failed to aggregate (%s: %s); the global adapter is unchanged",
                           server_round, type(self.strategy).__name__, type(err).__name__, err)
-            if result[0] is not None and (problem := self.unusable(result[0])):
-                log.error("round %d: the aggregate %s; the global adapter is unchanged", server_round, problem)
-                result = (None, None)
-            elif result[0] is not None:  # FedOpt strategies (FedAdam, FedYogi, FedAdagrad) compute in float64
-                result = (self.as_adapter(result[0]), result[1])
+            if result[0] is not None:
+                try:
+                    result = (self.as_adapter(result[0]), result[1])
+                except ValueError as err:
+                    log.error("round %d: the aggregate is unusable (%s); the global adapter is unchanged",
+                              server_round, err)
+                    result = (None, None)
         self.recorder.record_clients(clients, refused, failed, aggregated=result[0] is not None,
                                      user_level=self.user_level())
         return result
@@ -253,22 +255,13 @@ class OwnerGuard(Strategy):
                 "owners_per_round": self.strategy.num_sampled_clients,
                 "accounting": "Flower RdpAccountant, Gaussian mechanism, no amplification by sampling"}
 
-    def unusable(self, arrays: ArrayRecord) -> str | None:
-        """Why an aggregate cannot become the global adapter (other names or shapes, non-finite values)."""
-        state = arrays.to_torch_state_dict()
-        if set(state) != set(self.reference):
-            return f"has tensors {sorted(set(state) ^ set(self.reference))[:3]} unlike the adapter's"
-        for key, value in state.items():
-            if value.shape != self.reference[key].shape:
-                return f"tensor {key} has shape {list(value.shape)}, not {list(self.reference[key].shape)}"
-            if not torch.isfinite(value).all():
-                return f"tensor {key} has non-finite values"
-        return None
-
     def as_adapter(self, arrays: ArrayRecord) -> ArrayRecord:
-        """The aggregate in the adapter's own dtypes (fp32)."""
+        """The aggregate in the adapter's own dtypes (FedOpt strategies compute in float64); ValueError unless
+        it has the adapter's names and shapes and finite values."""
         state = arrays.to_torch_state_dict()
-        return ArrayRecord({k: state[k].to(ref.dtype).contiguous() for k, ref in self.reference.items()})
+        cast = {k: v.to(self.reference[k].dtype) if k in self.reference else v for k, v in state.items()}
+        check_adapter(cast, self.reference)
+        return ArrayRecord({k: v.contiguous() for k, v in cast.items()})
 
     # -- screening ---------------------------------------------------------------------------------------
 
