@@ -136,6 +136,7 @@ def validate(cfg: DictConfig) -> None:
     _number(cfg, "train.learning_rate", low=0, low_open=True)
     _number(cfg, "train.weight_decay", low=0)
     _choice(cfg, "train.optimizer", ("adamw", "sgd"))
+    _choice(cfg, "train.lr_schedule", ("constant", "linear"))
     _number(cfg, "train.momentum", low=0, high=1, high_open=True)
     _number(cfg, "eval.batch_size", kind=int, low=1)
     _number(cfg, "dataset.validation_fraction", low=0, high=1, high_open=True)

@@ -84,6 +84,15 @@ def make_optimizer(params: list[torch.nn.Parameter], train_cfg: DictConfig) -> t
     return torch.optim.AdamW(params, lr=train_cfg.learning_rate, weight_decay=train_cfg.weight_decay)
 
 
+def learning_rate(train_cfg: DictConfig, step: int, planned_steps: int) -> float:
+    """The learning rate of the run's step `step` (counted from 0 over all rounds): `train.learning_rate`
+    (lr_schedule=constant), or that decayed linearly over the run's planned steps, to lr / planned_steps at the
+    last one (lr_schedule=linear). It depends on public step counts only: post-processing, no privacy cost."""
+    if train_cfg.lr_schedule == "linear":
+        return train_cfg.learning_rate * (1 - min(step, planned_steps - 1) / planned_steps)
+    return train_cfg.learning_rate
+
+
 def train_round(model: torch.nn.Module, train_set: TensorDataset, cfg: DictConfig,
                 account: PrivacyAccount, seed: int, steps: int, on_backward=None, proximal_mu: float = 0.0) -> dict:
     """Take `steps` Poisson-sampled steps on `train_set` (sample rate `account.sample_rate`); with DP if
@@ -98,6 +107,9 @@ def train_round(model: torch.nn.Module, train_set: TensorDataset, cfg: DictConfi
 
     Updates `account.steps` from the accountant. `on_backward(optimizer)`, if given, runs after each backward
     pass, before the optimizer step (scripts/audit.py injects its gradient canaries there).
+
+    The learning rate of each step follows `train.lr_schedule` over the whole run (`learning_rate`): the
+    account's step count says where in the run the round starts.
 
     `proximal_mu` > 0 (FedProx): after every optimizer step each trainable tensor moves towards its value at
     the start of the round (the global adapter) by learning_rate x mu x (w - w_global): a gradient step on
@@ -121,6 +133,9 @@ def train_round(model: torch.nn.Module, train_set: TensorDataset, cfg: DictConfi
     start, steps_before, taken = time.perf_counter(), account.steps, 0
     try:
         for batch in batches:
+            lr = learning_rate(cfg.train, steps_before + taken, account.planned_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
             taken += 1
             optimizer.zero_grad(set_to_none=True)
             if batch[0].shape[0] > 0:
@@ -143,7 +158,7 @@ def train_round(model: torch.nn.Module, train_set: TensorDataset, cfg: DictConfi
                 on_backward(optimizer)
             optimizer.step()
             if anchor is not None:
-                proximal_step(params, anchor, cfg.train.learning_rate * proximal_mu)
+                proximal_step(params, anchor, lr * proximal_mu)
     finally:
         if accountant is not None:
             module._close()  # remove Opacus' hooks so `model` is plain again

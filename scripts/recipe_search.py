@@ -14,8 +14,11 @@ q of each owner's data (train.sample_rate=q, train.batch_size=null), 1 local epo
    (model.lora.train_a=false) and the head from label descriptions (model.head_init=descriptions).
 2. more, at each arm's best: 10 rounds (twice the steps, the same budget: the noise is recalibrated);
    epsilon 8 also clipping norm C = 0.1 (against 1.0).
-3. levers, at the epsilon-8 best: plain LoRA (A trains too) at the best rate and a tenth of it (the FFA paper
-   uses a 10x larger rate for FFA); a random head.
+3. levers, at each arm's best: a learning rate decaying linearly over the run (train.lr_schedule=linear);
+   server momentum (FedAvgM, 0.5) and server Adam (FedAdam, eta 0.1), the settings scripts/strategies.py
+   chose on validation at epsilon 8. Epsilon 8 also: plain LoRA (A trains too) at the best rate and a tenth of
+   it (the FFA paper uses a 10x larger rate for FFA); a random head. The best of these and the stage-2 choice
+   (on validation) becomes the arm's recipe.
 4. lower budgets: epsilon 1 and 4 with the epsilon-8 recipe at its rate and a third of it.
 
 OUT_DIR/<dataset>/recipe.json and recipe.md: every run's validation accuracy, what was chosen at each stage,
@@ -39,6 +42,10 @@ DATASETS = {"fpb": ["dataset=fpb"], "sst2": ["dataset=sst2", "dataset.max_train=
 ARMS = {"eps8": "privacy.target_epsilon=8", "nonprivate": "privacy.target_epsilon=null"}
 BASE = {"model.lora.train_a": "false", "model.head_init": "descriptions", "num_rounds": "5",
         "privacy.max_grad_norm": "1.0"}
+# Each lever changes one thing of an arm's best setting (post-processing of the DP steps: no privacy cost).
+LEVERS = [{"train.lr_schedule": "linear"},
+          {"strategy": "fedavgm", "strategy.aggregator.server_momentum": "0.5"},
+          {"strategy": "fedadam", "strategy.aggregator.eta": "0.1", "strategy.aggregator.eta_l": "0.1"}]
 SAMPLE_RATES = (0.05, 0.2, 0.5)
 RATES = (1e-3, 3e-3, 1e-2)
 
@@ -85,10 +92,15 @@ def search(out: Path, dataset: str) -> dict:
                                                 chosen["eps8"] | {"privacy.max_grad_norm": "0.1"}])
     chosen["nonprivate"] = s.best("2-more", "nonprivate", [chosen["nonprivate"],
                                                            chosen["nonprivate"] | {"num_rounds": "10"}])
+    for arm in ARMS:
+        best, lr = chosen[arm], chosen[arm]["train.learning_rate"]
+        levers = [best | lever for lever in LEVERS]
+        if arm == "eps8":
+            levers += [best | {"model.lora.train_a": "true"},
+                       best | {"model.lora.train_a": "true", "train.learning_rate": lr / 10},
+                       best | {"model.head_init": "random"}]
+        chosen[arm] = s.best("3-levers", arm, [best, *levers])
     best, lr = chosen["eps8"], chosen["eps8"]["train.learning_rate"]
-    s.best("3-levers", "eps8", [best | {"model.lora.train_a": "true"},
-                                best | {"model.lora.train_a": "true", "train.learning_rate": lr / 10},
-                                best | {"model.head_init": "random"}])
     for arm in ("eps1", "eps4"):
         chosen[arm] = s.best("4-budgets", arm, [best, best | {"train.learning_rate": lr / 3}])
     s.write(chosen)

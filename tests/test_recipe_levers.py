@@ -100,7 +100,32 @@ def test_label_names_are_the_default_descriptions():
     ("model.lora.train_a=maybe", "model.lora.train_a must be true or false"),
     ("transport.dtype=bf16", "transport.dtype must be one of fp32, fp16, int8"),
     ("eval.also_test=true", "eval.also_test=true only makes sense with eval.split=validation"),
+    ("train.lr_schedule=cosine", "train.lr_schedule must be one of constant, linear"),
 ])
 def test_new_keys_are_validated_with_a_message_naming_them(overrides, message):
     with pytest.raises(config.ConfigError, match=message):
         config.compose(overrides)
+
+
+@pytest.mark.parametrize("epsilon", ["8", "null"])
+def test_linear_schedule_decays_over_the_whole_run_across_rounds(epsilon):
+    """Each step's learning rate, seen by the optimizer, falls linearly over the run's planned steps (both
+    rounds), DP and non-private alike; constant leaves it at train.learning_rate."""
+    from dplora.privacy import PrivacyAccount, steps_per_round
+    from dplora.train import learning_rate, train_round
+
+    cfg = config.compose(f"dataset.num_train=64 dataset.num_test=8 train.batch_size=16 train.local_epochs=1 "
+                         f"train.learning_rate=0.02 train.lr_schedule=linear num_rounds=2 "
+                         f"privacy.target_epsilon={epsilon}")
+    model, tokenizer = models.build_model(cfg)
+    train_set = data.encode(data.load_split(cfg.dataset, "train"), tokenizer, cfg)
+    per_round = steps_per_round(0.25, 1)
+    account = PrivacyAccount.plan(cfg.privacy, 0.25, 2 * per_round)
+    seen = []
+    for server_round in (1, 2):
+        train_round(model, train_set, cfg, account, seed=server_round, steps=per_round,
+                    on_backward=lambda opt: seen.append(opt.param_groups[0]["lr"]))
+    total = 2 * per_round
+    assert seen == pytest.approx([0.02 * (1 - t / total) for t in range(total)])
+    constant = config.compose("train.learning_rate=0.02").train
+    assert {learning_rate(constant, t, total) for t in range(total)} == {0.02}
