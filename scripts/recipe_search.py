@@ -56,7 +56,7 @@ class Search:
 
     def run(self, stage: str, arm: str, settings: dict) -> float:
         """Validation accuracy of one run (run now, or read from before)."""
-        name = "-".join(f"{k.split('.')[-1]}={v}" for k, v in sorted(settings.items()))
+        name = "+".join(f"{k.split('.')[-1]}-{v}" for k, v in sorted(settings.items()))  # no '=': Hydra
         folder = self.out / arm / name  # the same settings in two stages: one run
         privacy = ARMS.get(arm, f"privacy.target_epsilon={arm.removeprefix('eps')}")
         sweep(folder, [*COMMON, *DATASETS[self.dataset], privacy, *(f"{k}={v}" for k, v in settings.items())],
