@@ -1,10 +1,13 @@
 """Hydra multirun sweep of full Flower simulations, and the report built from it."""
 
 import csv
+import importlib
 import json
 import os
 import subprocess
 import sys
+
+import pytest
 
 from .conftest import ROOT
 
@@ -44,3 +47,45 @@ def test_results_script_refuses_a_missing_data_folder(tmp_path):
     proc = subprocess.run(["bash", "scripts/results.sh", str(tmp_path / "out")], cwd=ROOT, capture_output=True,
                           text=True, env={**os.environ, "DPLORA_SHARED_DATA": str(tmp_path / "nowhere")})
     assert proc.returncode == 2 and f"{tmp_path / 'nowhere'}/fpb/train.jsonl not found" in proc.stderr
+
+
+@pytest.mark.parametrize("script", ["recipe_search", "strategies"])
+def test_experiment_scripts_pass_overrides_that_hydra_parses_and_the_config_accepts(script, tmp_path, monkeypatch):
+    """Every stage scripts/recipe_search.py and scripts/strategies.py would run, with a fake runner that
+    records the overrides and writes a metrics.json: each override, hydra.sweep.dir included, parses with
+    Hydra's grammar, and the rest composes into a valid config (a run folder named with '=' failed at once)."""
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from dplora import config
+
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    stages = importlib.import_module("stages")
+    module = importlib.reload(importlib.import_module(script))
+    parser, seen = OverridesParser.create(), []
+
+    def fake_sweep(folder, overrides, tag):
+        seen.append(overrides)
+        parser.parse_overrides([*overrides, f"hydra.sweep.dir={folder}"])
+        for seed in (0, 1, 2):
+            final = {"accuracy": 0.5, "test_accuracy": 0.5, "clients": [{"update_norm": 1.0}],
+                     "user_level": {"noise_multiplier": 1.0, "epsilon": 8.0}}
+            (folder / str(seed)).mkdir(parents=True, exist_ok=True)
+            (folder / str(seed) / "metrics.json").write_text(json.dumps({"rounds": [final]}))
+
+    monkeypatch.setattr(stages, "DATA", tmp_path)
+    (tmp_path / "fpb").mkdir()
+    (tmp_path / "fpb" / "train.jsonl").write_text("")
+    monkeypatch.setattr(module, "sweep" if script == "recipe_search" else "run_stage", fake_sweep)
+    if script == "recipe_search":
+        module.search(tmp_path, "fpb")
+    else:
+        monkeypatch.setattr(sys, "argv", ["strategies.py", str(tmp_path / "out")])
+        module.DATA = tmp_path
+        assert module.main() == 0
+    assert len(seen) > 10
+    for name in ("train", "test"):
+        (tmp_path / "fpb" / f"{name}.jsonl").write_text("")
+    for overrides in seen:
+        keep = [o.split(",")[0] for o in overrides if not o.startswith(("data_dir=", "sweep."))]  # a job
+        config.compose([*keep, f"data_dir={tmp_path}"])
