@@ -54,14 +54,12 @@ def test_experiment_scripts_pass_overrides_that_hydra_parses_and_the_config_acce
     """Every stage scripts/recipe_search.py and scripts/strategies.py would run, with a fake runner that
     records the overrides and writes a metrics.json: each override, hydra.sweep.dir included, parses with
     Hydra's grammar, and the rest composes into a valid config (a run folder named with '=' failed at once)."""
-
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     from dplora import config
 
     monkeypatch.syspath_prepend(str(ROOT / "scripts"))
-    stages = importlib.import_module("stages")
-    module = importlib.reload(importlib.import_module(script))
+    module = importlib.import_module(script)
     parser, seen = OverridesParser.create(), []
 
     def fake_sweep(folder, overrides, tag):
@@ -73,19 +71,17 @@ def test_experiment_scripts_pass_overrides_that_hydra_parses_and_the_config_acce
             (folder / str(seed)).mkdir(parents=True, exist_ok=True)
             (folder / str(seed) / "metrics.json").write_text(json.dumps({"rounds": [final]}))
 
-    monkeypatch.setattr(stages, "DATA", tmp_path)
     (tmp_path / "fpb").mkdir()
-    (tmp_path / "fpb" / "train.jsonl").write_text("")
+    for name in ("train", "test"):
+        (tmp_path / "fpb" / f"{name}.jsonl").write_text("")
     monkeypatch.setattr(module, "sweep" if script == "recipe_search" else "run_stage", fake_sweep)
     if script == "recipe_search":
         module.search(tmp_path, "fpb")
     else:
         monkeypatch.setattr(sys, "argv", ["strategies.py", str(tmp_path / "out")])
-        module.DATA = tmp_path
+        monkeypatch.setattr(module, "DATA", tmp_path)
         assert module.main() == 0
     assert len(seen) > 10
-    for name in ("train", "test"):
-        (tmp_path / "fpb" / f"{name}.jsonl").write_text("")
     for overrides in seen:
         keep = [o.split(",")[0] for o in overrides if not o.startswith(("data_dir=", "sweep."))]  # a job
         config.compose([*keep, f"data_dir={tmp_path}"])
