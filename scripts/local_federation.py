@@ -264,7 +264,8 @@ def _write_pids(workdir: Path, pids: dict[str, int]) -> None:
 
 def run_command(workdir: str | os.PathLike, run_config: str | None = None) -> str:
     """The shell command that submits this app to the running federation."""
-    rc = run_config or "overrides='model=tiny-llama num_rounds=2' output-dir='/tmp/dplora-out'"
+    rc = run_config or ("overrides='model=tiny-llama num_rounds=2 train.sample_rate=0.25 train.batch_size=8' "
+                        "output-dir='/tmp/dplora-out'")
     home = Path(workdir).resolve() / "flwr_home"
     # double quotes read better around the usual key='value' pairs; shlex otherwise
     quoted = f'"{rc}"' if not set(rc) & set('"$`\\!') else shlex.quote(rc)

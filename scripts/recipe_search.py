@@ -35,8 +35,9 @@ from pathlib import Path
 
 from stages import DATA, final, sweep
 
-COMMON = ["model=minilm", "sweep.num_supernodes=5", f"data_dir={DATA}", "partitioner=iid", "seed=0",
-          "dataset.validation_fraction=0.2", "eval.split=validation", "eval.also_test=true",
+# recipe=plain: every training key comes from here and the settings below, not from the defaults' recipe.
+COMMON = ["model=minilm", "recipe=plain", "sweep.num_supernodes=5", f"data_dir={DATA}", "partitioner=iid",
+          "seed=0", "dataset.validation_fraction=0.2", "eval.split=validation", "eval.also_test=true",
           "train.optimizer=adamw", "train.batch_size=null", "train.local_epochs=1"]
 DATASETS = {"fpb": ["dataset=fpb"], "sst2": ["dataset=sst2", "dataset.max_train=2000"]}
 ARMS = {"eps8": "privacy.target_epsilon=8", "nonprivate": "privacy.target_epsilon=null"}

@@ -1,13 +1,15 @@
 """Collect a sweep into a table and a privacy-utility plot.
 
-    python scripts/report.py multirun/<date>/<time> --out DIR
+    python scripts/report.py multirun/<date>/<time> --out DIR [--before OLD_DIR | OLD/results.csv]
 
-Reads every `*/metrics.json` below the folder (a sweep, or a folder holding several sweeps) and writes DIR/results.csv and DIR/results.md (final
-accuracy and macro-F1, mean +- std over seeds, per dataset x partitioner x target epsilon, with the epsilon
-actually spent and the wall-clock per job) and DIR/privacy_utility.png (one panel per dataset: accuracy vs epsilon with error
-bars, a line per partitioner, the non-private level and the majority class as labelled horizontal lines). With
-`--before OLD_DIR`, the jobs below OLD_DIR are drawn beside them (hollow markers, thin lines) and tabulated in
-DIR/before.md. Jobs that failed are listed, not hidden.
+Reads every `*/metrics.json` below the folder (a sweep, or a folder holding several sweeps) and writes
+DIR/results.csv and DIR/results.md (final accuracy and macro-F1, mean +- std over seeds, per dataset x
+partitioner x target epsilon, with the epsilon actually spent and the wall-clock per job) and
+DIR/privacy_utility.png (one panel per dataset: accuracy vs epsilon with error bars, a line per partitioner, the
+non-private level and the majority class as labelled horizontal lines). A dataset kept as a subsample
+(dataset.max_train) is its own dataset, named with the size: sst2-2000. With `--before`, an earlier sweep's
+jobs (a folder) or an earlier report (its results.csv) are drawn beside them (hollow markers, thin lines) and
+tabulated in DIR/before.md. Jobs that failed are listed, not hidden.
 Jobs of one table row may differ only in seed (and data paths); other differences are an error.
 """
 
@@ -35,7 +37,7 @@ def collect(sweep_dir: Path) -> tuple[list[dict], list[str]]:
             failed.append(str(path.parent))
             continue
         final = m["rounds"][-1]
-        jobs.append({"dataset": cfg["dataset"]["name"], "partitioner": cfg["partitioner"]["name"],
+        jobs.append({"dataset": dataset_label(cfg["dataset"]), "partitioner": cfg["partitioner"]["name"],
                      "target_epsilon": cfg["privacy"]["target_epsilon"], "seed": cfg["seed"],
                      "accuracy": final["accuracy"], "macro_f1": final["macro_f1"], "epsilon": final["epsilon"],
                      "seconds": final["seconds"], "settings": _settings(cfg), "folder": str(path.parent),
@@ -43,6 +45,31 @@ def collect(sweep_dir: Path) -> tuple[list[dict], list[str]]:
     failed += [str(p.parent) for p in sorted(sweep_dir.rglob("FAILED"))
                if not (p.parent / "metrics.json").exists()]
     return jobs, failed
+
+
+def dataset_label(dataset_cfg: dict) -> str:
+    """The dataset's name, with the subsample size when dataset.max_train keeps one (sst2-2000, sst2-10000)."""
+    size = dataset_cfg.get("max_train")
+    return f"{dataset_cfg['name']}-{size}" if size else dataset_cfg["name"]
+
+
+def read_csv(path: Path) -> list[dict]:
+    """Rows of an earlier report's results.csv (e.g. the committed docs/results/before/results.csv)."""
+    numbers = ("accuracy_mean", "accuracy_std", "macro_f1_mean", "macro_f1_std", "epsilon_spent_max",
+               "seconds_mean", "majority")
+    rows = []
+    with path.open(newline="") as f:
+        for raw in csv.DictReader(f):
+            missing = [k for k in ("dataset", "partitioner", "target_epsilon", "accuracy_mean", "accuracy_std")
+                       if not raw.get(k)]
+            if missing:
+                raise ValueError(f"{path}: a row lacks {', '.join(missing)}")
+            row = {k: (float(raw[k]) if raw.get(k) else None) for k in numbers}
+            eps = raw["target_epsilon"]
+            row |= {"dataset": raw["dataset"], "partitioner": raw["partitioner"], "seeds": int(raw.get("seeds") or 0),
+                    "target_epsilon": None if eps == "non-private" else float(eps)}
+            rows.append(row)
+    return rows
 
 
 # Keys that may differ between the seeds of one table row (everything else must match).
@@ -191,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("sweep_dir", type=Path, help="a sweep's folder (multirun/<date>/<time>)")
     parser.add_argument("--out", type=Path, required=True,
                         help="folder for results.csv, results.md and privacy_utility.png")
-    parser.add_argument("--before", type=Path, help="an earlier sweep to draw beside this one (and before.md)")
+    parser.add_argument("--before", type=Path, help="an earlier sweep (a folder of jobs) or an earlier report's "
+                        "results.csv, drawn beside this one (and tabulated in before.md)")
     args = parser.parse_args(argv)
     if not args.sweep_dir.is_dir():
         parser.error(f"{args.sweep_dir} is not a folder")
@@ -209,12 +237,15 @@ def main(argv: list[str] | None = None) -> int:
     write_markdown(rows, failed, args.out / "results.md")
     before = None
     if args.before is not None:
-        if not args.before.is_dir():
-            parser.error(f"--before {args.before} is not a folder")
-        old_jobs, old_failed = collect(args.before)
+        if not (args.before.is_dir() or (args.before.is_file() and args.before.suffix == ".csv")):
+            parser.error(f"--before {args.before} is not a folder or a results.csv")
         try:
-            before = summarize(old_jobs) if old_jobs else []
-        except ValueError as err:
+            if args.before.is_dir():
+                old_jobs, old_failed = collect(args.before)
+                before = summarize(old_jobs) if old_jobs else []
+            else:
+                before, old_failed = read_csv(args.before), []
+        except (ValueError, KeyError) as err:
             print(f"error (--before): {err}", file=sys.stderr)
             return 1
         write_markdown(before, old_failed, args.out / "before.md")

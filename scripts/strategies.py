@@ -30,10 +30,11 @@ from pathlib import Path
 from stages import DATA, final
 from stages import sweep as run_stage
 
-COMMON = ["model=minilm", "num_rounds=3", "sweep.num_supernodes=5", f"data_dir={DATA}", "dataset=fpb",
-          "partitioner=dirichlet", "partitioner.alpha=0.5", "dataset.validation_fraction=0.2",
-          "train.optimizer=sgd", "train.learning_rate=0.2", "train.momentum=0.9", "train.local_epochs=1",
-          "train.batch_size=64"]
+# recipe=plain and the random head: the settings below are all there is (the defaults' recipe is not applied).
+COMMON = ["model=minilm", "recipe=plain", "model.head_init=random", "num_rounds=3", "sweep.num_supernodes=5",
+          f"data_dir={DATA}", "dataset=fpb", "partitioner=dirichlet", "partitioner.alpha=0.5",
+          "dataset.validation_fraction=0.2", "train.optimizer=sgd", "train.learning_rate=0.2", "train.momentum=0.9",
+          "train.local_epochs=1", "train.batch_size=64"]
 ARMS = {"epsilon 8": "privacy.target_epsilon=8", "non-private": "privacy.target_epsilon=null"}
 # The settings tried per strategy (each a Hydra override list; FedAvg has nothing to tune).
 CANDIDATES = {

@@ -12,7 +12,7 @@ SHARED_DATA = Path(os.environ.get("DPLORA_SHARED_DATA", ROOT.parent / "shared" /
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub
 
-TINY = ("model=tiny-llama dataset.num_train=120 dataset.num_test=40 num_rounds=2 train.batch_size=16 "
+TINY = ("model=tiny-llama recipe=plain dataset.num_train=120 dataset.num_test=40 num_rounds=2 train.batch_size=16 "
         "train.local_epochs=1")
 
 

@@ -1,6 +1,9 @@
 """Configuration: composition from conf/ and clear errors for bad input."""
 
+from pathlib import Path
+
 import pytest
+from omegaconf import OmegaConf
 
 from dplora import config
 from dplora.config import ConfigError
@@ -57,6 +60,32 @@ def test_overrides_apply_and_groups_switch():
 def test_bad_config_names_the_key(overrides, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         config.compose(overrides)
+
+
+def test_the_privacy_choice_picks_its_training_recipe_and_any_key_still_overrides_it():
+    """conf/config.yaml selects recipe=${privacy}: privacy=dp gets conf/recipe/dp.yaml, privacy=none
+    conf/recipe/none.yaml; recipe=plain leaves config.yaml's own values (the earlier results' settings)."""
+    recipe = ("num_rounds", "train.local_epochs", "train.sample_rate", "train.batch_size", "train.optimizer",
+              "train.learning_rate", "train.lr_schedule", "model.lora.train_a")
+
+    def pick(cfg):
+        return {key: OmegaConf.select(cfg, key) for key in recipe}
+
+    conf = Path(config.CONF_DIR) / "recipe"
+    for privacy in ("dp", "none"):
+        wanted = OmegaConf.load(conf / f"{privacy}.yaml")
+        assert pick(config.compose(f"privacy={privacy}")) == pick(wanted)
+    assert pick(config.compose("")) == pick(OmegaConf.load(conf / "dp.yaml"))  # privacy=dp is the default
+    plain = config.compose("recipe=plain")
+    assert pick(plain) == {"num_rounds": 3, "train.local_epochs": 2, "train.sample_rate": None,
+                           "train.batch_size": 64, "train.optimizer": "adamw", "train.learning_rate": 0.01,
+                           "train.lr_schedule": "constant", "model.lora.train_a": True}
+    assert config.compose("privacy=none recipe=dp").privacy.target_epsilon is None  # mixing is allowed
+    overridden = config.compose("train.learning_rate=0.3 num_rounds=7 model.lora.train_a=true")
+    assert (overridden.train.learning_rate, overridden.num_rounds, overridden.model.lora.train_a) == (0.3, 7, True)
+    assert config.compose("").model.head_init == "descriptions"  # MiniLM's own choice, in conf/model/minilm.yaml
+    with pytest.raises(ConfigError, match="recipe"):
+        config.compose("recipe=fastest")
 
 
 def test_bad_override_syntax_is_a_config_error():

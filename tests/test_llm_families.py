@@ -15,7 +15,7 @@ HUB_FAMILY = {"smollm2-135m": "tiny-llama", "llama-3.2-1b": "tiny-llama", "qwen2
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_a_dp_round_runs_for_every_family(family):
-    cfg = config.compose(f"model={family} dataset.num_train=120 dataset.num_test=40 num_rounds=2 "
+    cfg = config.compose(f"model={family} recipe=plain dataset.num_train=120 dataset.num_test=40 num_rounds=2 "
                          "train.batch_size=16 train.local_epochs=1")
     model, _ = models.build_model(cfg)
     start = models.to_arrays(model)
@@ -34,7 +34,8 @@ def test_a_dp_round_runs_for_every_family(family):
 def test_loss_falls_and_greedy_answers_match_on_a_toy_instruction_task(family):
     """DP-SGD (epsilon 50 over 60 steps) on prompts whose answer is always "positive": the answer's loss
     falls, and greedy decoding goes from never to always producing exactly " positive" + end of sequence."""
-    cfg = config.compose(f"model={family} train.batch_size=32 train.learning_rate=0.02 privacy.target_epsilon=50")
+    cfg = config.compose(f"model={family} recipe=plain train.batch_size=32 train.learning_rate=0.02 "
+                         "privacy.target_epsilon=50")
     model, tokenizer = models.build_model(cfg)
     toy = data.from_rows([{"text": f"the item number {i} arrived", "label": 2} for i in range(64)])
     train_set = data.encode(toy, tokenizer, cfg)

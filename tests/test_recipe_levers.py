@@ -14,7 +14,8 @@ from .test_robustness import task_identity  # noqa: F401 - the fixture is used b
 
 @pytest.mark.parametrize("overrides", ["model=tiny-llama", "", "model=tiny-gpt2"])
 def test_ffa_lora_trains_and_sends_only_b_and_the_head_and_keeps_a_bit_identical(overrides):
-    base = f"{overrides} dataset.num_train=120 dataset.num_test=20 train.batch_size=16 train.local_epochs=1"
+    base = (f"{overrides} recipe=plain dataset.num_train=120 dataset.num_test=20 train.batch_size=16 "
+            "train.local_epochs=1")
     lora = models.to_arrays(models.build_model(config.compose(base))[0])
     cfg = config.compose(f"{base} model.lora.train_a=false")
     model, _ = models.build_model(cfg)
@@ -114,8 +115,8 @@ def test_linear_schedule_decays_over_the_whole_run_across_rounds(epsilon):
     from dplora.privacy import PrivacyAccount, steps_per_round
     from dplora.train import learning_rate, train_round
 
-    cfg = config.compose(f"dataset.num_train=64 dataset.num_test=8 train.batch_size=16 train.local_epochs=1 "
-                         f"train.learning_rate=0.02 train.lr_schedule=linear num_rounds=2 "
+    cfg = config.compose(f"recipe=plain dataset.num_train=64 dataset.num_test=8 train.batch_size=16 "
+                         f"train.local_epochs=1 train.learning_rate=0.02 train.lr_schedule=linear num_rounds=2 "
                          f"privacy.target_epsilon={epsilon}")
     model, tokenizer = models.build_model(cfg)
     train_set = data.encode(data.load_split(cfg.dataset, "train"), tokenizer, cfg)

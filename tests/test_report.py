@@ -81,3 +81,33 @@ def test_the_plot_has_a_panel_per_dataset_and_draws_before_beside_after(tmp_path
                               str(tmp_path / "out"), "--before", str(tmp_path / "nowhere")], cwd=ROOT,
                              capture_output=True, text=True)
     assert missing.returncode != 0 and "is not a folder" in missing.stderr
+
+
+def test_before_can_be_an_earlier_reports_csv_and_subsamples_are_their_own_dataset(tmp_path):
+    for seed in (0, 1):
+        job(tmp_path / "new" / f"a{seed}", seed=seed, accuracy=0.70, dataset="sst2", majority=0.5)
+        job(tmp_path / "new" / f"b{seed}", seed=seed, accuracy=0.80, dataset="sst2", majority=0.5)
+    for seed, folder in ((0, "a0"), (1, "a1")):  # the a* jobs used a 2,000-sentence subsample, the b* 10,000
+        for name, size in ((folder, 2000), (folder.replace("a", "b"), 10000)):
+            path = tmp_path / "new" / name / "metrics.json"
+            metrics = json.loads(path.read_text())
+            metrics["config"]["dataset"]["max_train"] = size
+            path.write_text(json.dumps(metrics))
+    (tmp_path / "old.csv").write_text(
+        "dataset,partitioner,target_epsilon,seeds,accuracy_mean,accuracy_std,macro_f1_mean,macro_f1_std,"
+        "epsilon_spent_max,seconds_mean\n"  # an older report: no majority column
+        "sst2-2000,iid,8,3,0.5975,0.0612,0.5168,0.1125,7.98,132\n"
+        "sst2-2000,iid,non-private,3,0.7909,0.0059,0.7898,0.0073,,111\n")
+    done = subprocess.run([sys.executable, "scripts/report.py", str(tmp_path / "new"), "--out", str(tmp_path / "out"),
+                           "--before", str(tmp_path / "old.csv")], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    table = (tmp_path / "out" / "results.md").read_text()
+    assert "| sst2-2000 | iid | 8 | 2 | 70.00 ± 0.00" in table
+    assert "| sst2-10000 | iid | 8 | 2 | 80.00 ± 0.00" in table
+    before = (tmp_path / "out" / "before.md").read_text()
+    assert "| sst2-2000 | iid | 8 | 3 | 59.75 ± 6.12" in before
+    assert "| sst2-2000 | iid | non-private | 3 | 79.09" in before
+    (tmp_path / "bad.csv").write_text("dataset,partitioner,target_epsilon,accuracy_mean,accuracy_std\nsst2,iid,8,,\n")
+    bad = subprocess.run([sys.executable, "scripts/report.py", str(tmp_path / "new"), "--out", str(tmp_path / "out"),
+                          "--before", str(tmp_path / "bad.csv")], cwd=ROOT, capture_output=True, text=True)
+    assert bad.returncode == 1 and "lacks accuracy_mean, accuracy_std" in bad.stderr

@@ -34,7 +34,7 @@ def superlink_env(tmp_path):
         yield env
 
 
-OVERRIDES = ("model=tiny-llama num_rounds=2 dataset.num_train=200 dataset.num_test=60 train.batch_size=16 "
+OVERRIDES = ("model=tiny-llama recipe=plain num_rounds=2 dataset.num_train=200 dataset.num_test=60 train.batch_size=16 "
              "train.local_epochs=1")
 
 

@@ -8,10 +8,11 @@ import subprocess
 import sys
 
 import pytest
+from omegaconf import OmegaConf
 
 from .conftest import ROOT
 
-JOB = ("model=tiny-llama num_rounds=2 dataset.num_train=160 dataset.num_test=40 train.batch_size=16 "
+JOB = ("model=tiny-llama recipe=plain num_rounds=2 dataset.num_train=160 dataset.num_test=40 train.batch_size=16 "
        "train.local_epochs=1 sweep.num_supernodes=2").split()
 
 
@@ -85,3 +86,42 @@ def test_experiment_scripts_pass_overrides_that_hydra_parses_and_the_config_acce
     for overrides in seen:
         keep = [o.split(",")[0] for o in overrides if not o.startswith(("data_dir=", "sweep."))]  # a job
         config.compose([*keep, f"data_dir={tmp_path}"])
+
+
+def test_the_results_grid_runs_every_epsilon_on_its_privacy_choices_recipe(tmp_path):
+    """scripts/results.sh --dry-run --full: every stage's sweep parses with Hydra's grammar, and every job in it
+    composes into a valid config: the DP jobs get the DP recipe, the non-private ones the non-private recipe,
+    the Dirichlet shares FedProx; 84 jobs, three seeds each setting."""
+    import itertools
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from dplora import config
+
+    for name in ("fpb", "sst2", "pubmedqa"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "train.jsonl").write_text("")
+    env = {**os.environ, "DPLORA_SHARED_DATA": str(tmp_path)}
+    proc = subprocess.run(["bash", "scripts/results.sh", "--dry-run", "--full", str(tmp_path / "out")], cwd=ROOT,
+                          capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr
+    commands = proc.stdout.splitlines()
+    assert len(commands) == 14 and not (tmp_path / "out").exists()  # a dry run makes nothing
+    parser, jobs = OverridesParser.create(), []
+    for command in commands:
+        overrides = parser.parse_overrides(command.split()[3:])  # after `python scripts/sweep.py -m`
+        choices = [[f"{o.get_key_element()}={v}" for v in (o.sweep_string_iterator() if o.is_sweep_override()
+                                                           else [o.get_value_element_as_str()])]
+                   for o in overrides if not o.get_key_element().startswith("hydra")]
+        jobs += [config.compose(list(job)) for job in itertools.product(*choices)]
+    assert len(jobs) == 84
+    dp, none = (OmegaConf.load(config.CONF_DIR / "recipe" / f"{name}.yaml") for name in ("dp", "none"))
+    for cfg in jobs:
+        recipe = none if cfg.privacy.target_epsilon is None else dp
+        assert (cfg.train.learning_rate, cfg.train.sample_rate, cfg.num_rounds) == \
+            (recipe.train.learning_rate, recipe.train.sample_rate, recipe.num_rounds)
+        assert cfg.strategy.aggregator._target_.endswith("FedProx") == (cfg.partitioner.name == "dirichlet")
+    settings = {(c.dataset.name, c.dataset.max_train, c.partitioner.name, c.privacy.target_epsilon) for c in jobs}
+    assert len(settings) == 28 and {c.privacy.target_epsilon for c in jobs} == {1.0, 4.0, 8.0, None}
+    bad = subprocess.run(["bash", "scripts/results.sh", "--fast"], cwd=ROOT, capture_output=True, text=True, env=env)
+    assert bad.returncode == 2 and "unknown option --fast" in bad.stderr
