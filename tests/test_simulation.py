@@ -2,6 +2,7 @@
 
 import contextlib
 import json
+import math
 import os
 import re
 import signal
@@ -150,6 +151,26 @@ def test_fedprox_with_user_level_dp_ffa_lora_and_int8_upload_end_to_end(superlin
                             cwd=ROOT, capture_output=True, text=True)
     assert verify.returncode == 0, verify.stdout + verify.stderr
     assert "user-level, round 2" in verify.stdout
+
+
+def test_the_default_dp_recipe_runs_end_to_end_and_its_accounting_re_derives(superlink_env, tmp_path):
+    """The DP recipe (conf/recipe/dp.yaml: the expected batch a public share q of each owner's data,
+    FFA-LoRA) through `flwr run`: every owner samples at the recipe's q, takes ceil(local_epochs / q) steps a
+    round, and each epsilon re-derives with the independent accountant from what metrics.json records."""
+    overrides = "model=tiny-llama num_rounds=2 dataset.num_train=200 dataset.num_test=60"
+    cfg = config.compose(overrides)
+    assert cfg.train.batch_size is None and not cfg.model.lora.train_a  # the recipe's, not config.yaml's
+    metrics = flwr_run(overrides, tmp_path / "run", num_supernodes=2, env=superlink_env, timeout=600)
+    q = cfg.train.sample_rate
+    steps = math.ceil(cfg.train.local_epochs / q - 1e-9)
+    for number, entry in enumerate(metrics["rounds"], start=1):
+        assert len(entry["clients"]) == 2 and not entry["refused"] and not entry["failed"]
+        assert all(c["sample_rate"] == q and c["steps"] == number * steps for c in entry["clients"])
+    assert 0.9 * cfg.privacy.target_epsilon < metrics["rounds"][-1]["epsilon"] <= cfg.privacy.target_epsilon
+    verify = subprocess.run([sys.executable, "scripts/verify_privacy.py", str(tmp_path / "run" / "metrics.json")],
+                            cwd=ROOT, capture_output=True, text=True)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    assert "4 of 4 client epsilons re-derived within 2%" in verify.stdout
 
 
 def test_impossible_min_clients_fails_before_flower_starts(tmp_path):
