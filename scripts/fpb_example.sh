@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The README's FPB example: 5 simulated data owners fine-tune MiniLM + LoRA on Financial PhraseBank for 3 rounds
+# The README's FPB example: 5 simulated data owners fine-tune MiniLM + LoRA on Financial PhraseBank with the DP recipe
 # at epsilon = 8 each; then every client's epsilon is re-derived with an independent accountant.
 #   bash scripts/fpb_example.sh [OUTPUT_DIR]        (data: ../shared/data/fpb, or $DPLORA_SHARED_DATA/fpb)
 set -euo pipefail
@@ -10,7 +10,7 @@ export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 HF_HUB_OFFLINE=1
 rm -f "$out/metrics.json"
 start=$(date +%s)
 flwr run . --stream --federation-config "num-supernodes=5" --run-config \
-  "overrides='dataset=fpb dataset.path=$data num_rounds=3 privacy.target_epsilon=8' output-dir='$out'"
+  "overrides='dataset=fpb dataset.path=$data privacy.target_epsilon=8' output-dir='$out'"
 echo "wall-clock: $(( $(date +%s) - start )) s"
 # `flwr run --stream` exits 0 even when the run fails: judge by the results.
 python - "$out/metrics.json" <<'PY'

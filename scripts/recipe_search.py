@@ -1,6 +1,6 @@
 """The DP recipe: which training settings make a model worth having at a given epsilon (docs/RESULTS.md,
-"Privacy-utility frontier"). Every choice is made on a validation split carved from the training data, never
-on the test split; both arms (epsilon 8 and non-private) get their own best settings from the same grid.
+"The recipe search"). Every choice is made on a validation split carved from the training data, never on the
+test split; both arms (epsilon 8 and non-private) get their own best settings from the same grid.
 
     python scripts/recipe_search.py [OUT_DIR] [--dataset fpb|sst2]   (default results/recipe, both datasets,
                                                                        FPB first; data: ../shared/data)
@@ -9,6 +9,7 @@ Every run: MiniLM, 5 owners, IID, seed 0, dataset.validation_fraction=0.2, eval.
 split is recorded beside it, eval.also_test, and never looked at by a choice), AdamW, expected batch = a share
 q of each owner's data (train.sample_rate=q, train.batch_size=null), 1 local epoch per round.
 
+FPB, the full search:
 1. grid, each arm: q in {0.05, 0.2, 0.5} x learning rate in {1e-3, 3e-3, 1e-2}, 5 rounds (the same 5
    passes over the data: 100, 25 and 10 steps), with FFA-LoRA
    (model.lora.train_a=false) and the head from label descriptions (model.head_init=descriptions).
@@ -17,13 +18,18 @@ q of each owner's data (train.sample_rate=q, train.batch_size=null), 1 local epo
 3. levers, at each arm's best: a learning rate decaying linearly over the run (train.lr_schedule=linear);
    server momentum (FedAvgM, 0.5) and server Adam (FedAdam, eta 0.1), the settings scripts/strategies.py
    chose on validation at epsilon 8. Epsilon 8 also: plain LoRA (A trains too) at the best rate and a tenth of
-   it (the FFA paper uses a 10x larger rate for FFA); a random head. The best of these and the stage-2 choice
-   (on validation) becomes the arm's recipe.
-4. lower budgets: epsilon 1 and 4 with the epsilon-8 recipe at its rate and a third of it.
+   it (the FFA paper uses a 10x larger rate for FFA); a random head; fewer DP-trained coordinates: rank 4
+   (alpha 8, the same scaling) and LoRA on query and value only. The best of these and the stage-2 choice (on
+   validation) becomes the arm's recipe.
+4. lower budgets: epsilon 4 with the epsilon-8 recipe at its rate and a third of it; epsilon 1 also with the
+   next larger q (more records per noisy step).
 
-OUT_DIR/<dataset>/recipe.json and recipe.md: every run's validation accuracy, what was chosen at each stage,
-and how many settings were tried (a setting tried in two stages counts once). A finished run is marked and
-skipped when the script runs again.
+SST-2 (2,000 sentences), a check of FPB's recipe on another dataset: stage 1's grid of q x learning rate
+with everything else as FPB chose for that arm (needs FPB's recipe.json).
+
+OUT_DIR/<dataset>/recipe.json and recipe.md: every run's validation accuracy (and test accuracy beside it),
+what was chosen at each stage, and how many settings were tried (a setting tried in two stages counts once). A
+finished run is marked and skipped when the script runs again.
 """
 
 from __future__ import annotations
@@ -57,7 +63,9 @@ class Search:
 
     def run(self, stage: str, arm: str, settings: dict) -> float:
         """Validation accuracy of one run (run now, or read from before)."""
-        name = "+".join(f"{k.split('.')[-1]}-{v}" for k, v in sorted(settings.items()))  # no '=': Hydra
+        # a folder name Hydra's override grammar reads as one plain value: no '=', brackets or commas
+        name = "+".join(f"{k.split('.')[-1]}-{str(v).strip('[]').replace(',', '-')}"
+                        for k, v in sorted(settings.items()))
         folder = self.out / arm / name  # the same settings in two stages: one run
         privacy = ARMS.get(arm, f"privacy.target_epsilon={arm.removeprefix('eps')}")
         sweep(folder, [*COMMON, *DATASETS[self.dataset], privacy, *(f"{k}={v}" for k, v in settings.items())],
@@ -85,6 +93,8 @@ class Search:
 
 
 def search(out: Path, dataset: str) -> dict:
+    if dataset != "fpb":
+        return check(out, dataset)
     s, chosen = Search(out, dataset), {}
     grid = [BASE | {"train.sample_rate": q, "train.learning_rate": lr} for q in SAMPLE_RATES for lr in RATES]
     for arm in ARMS:
@@ -99,11 +109,30 @@ def search(out: Path, dataset: str) -> dict:
         if arm == "eps8":
             levers += [best | {"model.lora.train_a": "true"},
                        best | {"model.lora.train_a": "true", "train.learning_rate": lr / 10},
-                       best | {"model.head_init": "random"}]
+                       best | {"model.head_init": "random"},
+                       best | {"model.lora.r": "4", "model.lora.alpha": "8"},
+                       best | {"model.lora.target_modules": "[query,value]"}]
         chosen[arm] = s.best("3-levers", arm, [best, *levers])
-    best, lr = chosen["eps8"], chosen["eps8"]["train.learning_rate"]
-    for arm in ("eps1", "eps4"):
-        chosen[arm] = s.best("4-budgets", arm, [best, best | {"train.learning_rate": lr / 3}])
+    best, lr, q = chosen["eps8"], chosen["eps8"]["train.learning_rate"], chosen["eps8"]["train.sample_rate"]
+    for arm in ("eps4", "eps1"):
+        candidates = [best, best | {"train.learning_rate": lr / 3}]
+        if arm == "eps1" and q < max(SAMPLE_RATES):
+            candidates.append(best | {"train.sample_rate": min(r for r in SAMPLE_RATES if r > q)})
+        chosen[arm] = s.best("4-budgets", arm, candidates)
+    s.write(chosen)
+    return chosen
+
+
+def check(out: Path, dataset: str) -> dict:
+    """Stage 1's grid of q x learning rate on another dataset, around FPB's recipe for each arm."""
+    fpb = out / "fpb" / "recipe.json"
+    if not fpb.is_file():
+        raise SystemExit(f"{fpb} not found: run the FPB search first (--dataset fpb)")
+    recipe, s, chosen = json.loads(fpb.read_text())["chosen"], Search(out, dataset), {}
+    for arm in ARMS:
+        grid = [recipe[arm] | {"train.sample_rate": q, "train.learning_rate": lr}
+                for q in SAMPLE_RATES for lr in RATES]
+        chosen[arm] = s.best("1-grid, FPB's recipe", arm, grid)
     s.write(chosen)
     return chosen
 

@@ -78,13 +78,19 @@ def test_experiment_scripts_pass_overrides_that_hydra_parses_and_the_config_acce
     monkeypatch.setattr(module, "sweep" if script == "recipe_search" else "run_stage", fake_sweep)
     if script == "recipe_search":
         module.search(tmp_path, "fpb")
+        fpb_runs = len(seen)
+        module.search(tmp_path, "sst2")  # the check of FPB's recipe: its grid on SST-2, per arm
+        assert len(seen) - fpb_runs == 2 * 9 and all("dataset=sst2" in o for o in seen[fpb_runs:])
+        assert any("model.lora.target_modules=[query,value]" in o for o in seen)
     else:
         monkeypatch.setattr(sys, "argv", ["strategies.py", str(tmp_path / "out")])
         monkeypatch.setattr(module, "DATA", tmp_path)
         assert module.main() == 0
     assert len(seen) > 10
-    for overrides in seen:
-        keep = [o.split(",")[0] for o in overrides if not o.startswith(("data_dir=", "sweep."))]  # a job
+    for overrides in seen:  # the first job of each sweep
+        keep = [f"{o.get_key_element()}={next(iter(o.sweep_string_iterator()))}" if o.is_sweep_override()
+                else o.input_line for o in parser.parse_overrides(overrides)
+                if not o.get_key_element().startswith(("data_dir", "sweep."))]
         config.compose([*keep, f"data_dir={tmp_path}"])
 
 
