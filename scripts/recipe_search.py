@@ -59,7 +59,7 @@ RATES = (1e-3, 3e-3, 1e-2)
 
 class Search:
     def __init__(self, out: Path, dataset: str):
-        self.out, self.dataset, self.rows = out / dataset, dataset, []
+        self.out, self.dataset, self.rows, self.chosen = out / dataset, dataset, [], {}
 
     def run(self, stage: str, arm: str, settings: dict) -> float:
         """Validation accuracy of one run (run now, or read from before)."""
@@ -74,28 +74,36 @@ class Search:
         if all(r["folder"] != str(folder) for r in self.rows):
             self.rows.append({"stage": stage, "arm": arm, "settings": settings, "validation_accuracy": accuracy,
                               "test_accuracy": test, "folder": str(folder)})
+            self.write(complete=False)  # the runs so far, readable while the search goes on
         return accuracy
 
     def best(self, stage: str, arm: str, candidates: list[dict]) -> dict:
         scores = [self.run(stage, arm, c) for c in candidates]
         return candidates[max(range(len(candidates)), key=scores.__getitem__)]
 
-    def write(self, chosen: dict) -> None:
+    def write(self, complete: bool = True) -> None:
+        """recipe.json and recipe.md: every run so far and what each finished stage chose (`complete`: all
+        stages ran)."""
         self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "recipe.json").write_text(json.dumps({"chosen": chosen, "runs": self.rows,
-                                                          "settings_tried": len(self.rows)}, indent=2))
-        lines = ["| stage | arm | settings | validation accuracy |", "| --- | --- | --- | --- |"]
+        (self.out / "recipe.json").write_text(json.dumps({"complete": complete, "chosen": self.chosen,
+                                                          "runs": self.rows, "settings_tried": len(self.rows)},
+                                                         indent=2))
+        lines = ["| stage | arm | settings | validation accuracy | test accuracy (never used to choose) |",
+                 "| --- | --- | --- | --- | --- |"]
         lines += [f"| {r['stage']} | {r['arm']} | {' '.join(f'{k}={v}' for k, v in r['settings'].items())} | "
-                  f"{100 * r['validation_accuracy']:.2f} |" for r in self.rows]
-        lines += ["", *(f"- chosen, {arm}: {' '.join(f'{k}={v}' for k, v in s.items())}" for arm, s in chosen.items())]
+                  f"{100 * r['validation_accuracy']:.2f} | {100 * r['test_accuracy']:.2f} |" for r in self.rows]
+        lines += ["", *(f"- chosen{'' if complete else ' so far'}, {arm}: "
+                        f"{' '.join(f'{k}={v}' for k, v in c.items())}" for arm, c in self.chosen.items())]
         (self.out / "recipe.md").write_text("\n".join(lines) + "\n")
-        print("\n".join(lines), flush=True)
+        if complete:
+            print("\n".join(lines), flush=True)
 
 
 def search(out: Path, dataset: str) -> dict:
     if dataset != "fpb":
         return check(out, dataset)
-    s, chosen = Search(out, dataset), {}
+    s = Search(out, dataset)
+    chosen = s.chosen
     grid = [BASE | {"train.sample_rate": q, "train.learning_rate": lr} for q in SAMPLE_RATES for lr in RATES]
     for arm in ARMS:
         chosen[arm] = s.best("1-grid", arm, grid)
@@ -119,7 +127,7 @@ def search(out: Path, dataset: str) -> dict:
         if arm == "eps1" and q < max(SAMPLE_RATES):
             candidates.append(best | {"train.sample_rate": min(r for r in SAMPLE_RATES if r > q)})
         chosen[arm] = s.best("4-budgets", arm, candidates)
-    s.write(chosen)
+    s.write()
     return chosen
 
 
@@ -128,12 +136,15 @@ def check(out: Path, dataset: str) -> dict:
     fpb = out / "fpb" / "recipe.json"
     if not fpb.is_file():
         raise SystemExit(f"{fpb} not found: run the FPB search first (--dataset fpb)")
-    recipe, s, chosen = json.loads(fpb.read_text())["chosen"], Search(out, dataset), {}
+    recipe, s = json.loads(fpb.read_text()), Search(out, dataset)
+    if not recipe.get("complete"):
+        raise SystemExit(f"{fpb}: the FPB search has not finished: run it first (--dataset fpb)")
+    recipe, chosen = recipe["chosen"], s.chosen
     for arm in ARMS:
         grid = [recipe[arm] | {"train.sample_rate": q, "train.learning_rate": lr}
                 for q in SAMPLE_RATES for lr in RATES]
         chosen[arm] = s.best("1-grid, FPB's recipe", arm, grid)
-    s.write(chosen)
+    s.write()
     return chosen
 
 
