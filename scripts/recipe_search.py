@@ -13,8 +13,9 @@ FPB, the full search:
 1. grid, each arm: q in {0.05, 0.2, 0.5} x learning rate in {1e-3, 3e-3, 1e-2}, 5 rounds (the same 5
    passes over the data: 100, 25 and 10 steps), with FFA-LoRA
    (model.lora.train_a=false) and the head from label descriptions (model.head_init=descriptions).
-2. more, at each arm's best: 10 rounds (twice the steps, the same budget: the noise is recalibrated);
-   epsilon 8 also clipping norm C = 0.1 (against 1.0).
+2. more, at each arm's best: one step past the grid's edge where the best lies on it (learning rate x3 or
+   /3, q /2.5 or 1.0); 10 rounds (twice the steps, the same budget: the noise is recalibrated); epsilon 8 also
+   clipping norm C = 0.1 (against 1.0).
 3. levers, at each arm's best: a learning rate decaying linearly over the run (train.lr_schedule=linear);
    server momentum (FedAvgM, 0.5) and server Adam (FedAdam, eta 0.1), the settings scripts/strategies.py
    chose on validation at epsilon 8. Epsilon 8 also: plain LoRA (A trains too) at the best rate and a tenth of
@@ -99,6 +100,21 @@ class Search:
             print("\n".join(lines), flush=True)
 
 
+def beyond(best: dict) -> list[dict]:
+    """One step past the grid's edge where the best setting lies on it: a 3x larger learning rate, a 2.5x
+    smaller q (or larger, at the other end)."""
+    lr, q, steps = best["train.learning_rate"], best["train.sample_rate"], []
+    if lr == max(RATES):
+        steps.append(best | {"train.learning_rate": lr * 3})
+    if lr == min(RATES):
+        steps.append(best | {"train.learning_rate": lr / 3})
+    if q == min(SAMPLE_RATES):
+        steps.append(best | {"train.sample_rate": q / 2.5})
+    if q == max(SAMPLE_RATES):
+        steps.append(best | {"train.sample_rate": 1.0})
+    return steps
+
+
 def search(out: Path, dataset: str) -> dict:
     if dataset != "fpb":
         return check(out, dataset)
@@ -107,10 +123,12 @@ def search(out: Path, dataset: str) -> dict:
     grid = [BASE | {"train.sample_rate": q, "train.learning_rate": lr} for q in SAMPLE_RATES for lr in RATES]
     for arm in ARMS:
         chosen[arm] = s.best("1-grid", arm, grid)
-    chosen["eps8"] = s.best("2-more", "eps8", [chosen["eps8"], chosen["eps8"] | {"num_rounds": "10"},
-                                                chosen["eps8"] | {"privacy.max_grad_norm": "0.1"}])
-    chosen["nonprivate"] = s.best("2-more", "nonprivate", [chosen["nonprivate"],
-                                                           chosen["nonprivate"] | {"num_rounds": "10"}])
+    for arm in ARMS:
+        best = chosen[arm]
+        more = [best, *beyond(best), best | {"num_rounds": "10"}]
+        if arm == "eps8":
+            more.append(best | {"privacy.max_grad_norm": "0.1"})
+        chosen[arm] = s.best("2-more", arm, more)
     for arm in ARMS:
         best, lr = chosen[arm], chosen[arm]["train.learning_rate"]
         levers = [best | lever for lever in LEVERS]
