@@ -93,11 +93,28 @@ class Search:
                  "| --- | --- | --- | --- | --- |"]
         lines += [f"| {r['stage']} | {r['arm']} | {' '.join(f'{k}={v}' for k, v in r['settings'].items())} | "
                   f"{100 * r['validation_accuracy']:.2f} | {100 * r['test_accuracy']:.2f} |" for r in self.rows]
+        lines += ["", *self.grid_tables()]
         lines += ["", *(f"- chosen{'' if complete else ' so far'}, {arm}: "
                         f"{' '.join(f'{k}={v}' for k, v in c.items())}" for arm, c in self.chosen.items())]
         (self.out / "recipe.md").write_text("\n".join(lines) + "\n")
         if complete:
             print("\n".join(lines), flush=True)
+
+
+    def grid_tables(self) -> list[str]:
+        """Stage 1 as one table per arm: validation accuracy (test accuracy) per q x learning rate."""
+        lines = []
+        for arm in ARMS:
+            cells = {(r["settings"]["train.sample_rate"], r["settings"]["train.learning_rate"]):
+                     f"{100 * r['validation_accuracy']:.1f} ({100 * r['test_accuracy']:.1f})"
+                     for r in self.rows if r["arm"] == arm and r["stage"].startswith("1-grid")}
+            if not cells:
+                continue
+            lines += [f"{arm}, stage 1: validation accuracy (test accuracy)", "",
+                      "| q | " + " | ".join(f"lr {lr:g}" for lr in RATES) + " |", "| --- |" + " --- |" * len(RATES),
+                      *(f"| {q:g} | " + " | ".join(cells.get((q, lr), "-") for lr in RATES) + " |"
+                        for q in SAMPLE_RATES), ""]
+        return lines
 
 
 def beyond(best: dict) -> list[dict]:
