@@ -180,7 +180,8 @@ def validate(cfg: DictConfig) -> None:
         _choice(cfg, "model.pooling", ("mean", "cls"))
         if _choice(cfg, "model.head_init", ("random", "descriptions")) == "descriptions" and cfg.model.pooling != "mean":
             raise ConfigError("model.head_init=descriptions needs model.pooling=mean (the head is set from "
-                              "mean-pooled embeddings of dataset.label_descriptions)")
+                              "mean-pooled embeddings of dataset.label_descriptions): with model.pooling=cls "
+                              "set model.head_init=random")
     elif head_init != "random":
         raise ConfigError(f"model.head_init={head_init} is for classification models; a causal LM has no head "
                           "(its answers are the label names)")

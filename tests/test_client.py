@@ -204,4 +204,4 @@ def test_a_recipe_can_name_the_batch_as_a_share_of_the_local_data(tmp_path):
     with pytest.raises(config.ConfigError, match="publishes none"):
         client.with_batch_size(cfg, 0.5, None)
     with pytest.raises(config.ConfigError, match="train.batch_size=null needs train.sample_rate"):
-        config.compose("train.batch_size=null")
+        config.compose("train.batch_size=null train.sample_rate=null")

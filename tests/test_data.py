@@ -21,7 +21,7 @@ def test_synthetic_set_is_fixed_balanced_and_noisy():
 
 
 def test_a_non_private_model_learns_the_synthetic_set_but_not_perfectly():
-    cfg = config.compose("privacy=none dataset.num_train=600 dataset.num_test=300 train.local_epochs=2")
+    cfg = config.compose("privacy=none recipe=plain dataset.num_train=600 dataset.num_test=300 train.local_epochs=2")
     from dplora.privacy import PrivacyAccount, steps_per_round
     from dplora.train import evaluate, train_round
     model, tok = models.build_model(cfg)

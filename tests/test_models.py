@@ -7,9 +7,9 @@ from flwr.app import ArrayRecord
 from dplora import config, data, models
 
 
-@pytest.mark.parametrize("overrides", ["model=tiny-llama", "", "model.pooling=cls"])
+@pytest.mark.parametrize("overrides", ["model=tiny-llama", "", "model.pooling=cls model.head_init=random"])
 def test_only_trainable_adapter_tensors_are_exchanged(overrides):
-    cfg = config.compose(overrides)
+    cfg = config.compose(f"{overrides} model.lora.train_a=true")  # A trains (and travels) too
     model, _ = models.build_model(cfg)
     arrays = models.to_arrays(model)
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}

@@ -223,9 +223,9 @@ def test_length_bucketed_step_is_the_one_pass_step(monkeypatch, mode, model):
     monkeypatch.setattr(privacy, "_secret_generator", lambda: torch.Generator().manual_seed(7))
     updates = []
     for micro in (5, 1000):
-        cfg = config.compose(f"model={model} dataset.num_train=23 dataset.num_test=4 train.sample_rate=1.0 "
-                             f"train.micro_batch_size={micro} train.optimizer=sgd train.momentum=0 "
-                             f"train.learning_rate=1.0 privacy.grad_sample_mode={mode}")
+        cfg = config.compose(f"model={model} recipe=plain dataset.num_train=23 dataset.num_test=4 "
+                             f"train.sample_rate=1.0 train.micro_batch_size={micro} train.optimizer=sgd "
+                             f"train.momentum=0 train.learning_rate=1.0 privacy.grad_sample_mode={mode}")
         net, tok = models.build_model(cfg)
         for module in net.modules():  # MiniLM's dropout draws differently per micro-batch: not the DP mechanism
             if isinstance(module, torch.nn.Dropout):
