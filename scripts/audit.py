@@ -41,8 +41,8 @@ DELTA = 1e-5
 # small learning rate keeps LoRA's B near zero, so the data's gradients on A stay small and the canaries
 # stand out (the audit should be as strong as it can: the claim must hold for every setting). Black-box: a
 # learning rate at which the model fits its data, so that it can memorize the canaries.
-OWNER = ("model=tiny-llama dataset.num_train=200 dataset.num_test=40 num_rounds=1 train.optimizer=sgd "
-         "train.momentum=0 train.learning_rate=0.001 train.sample_rate=0.1 train.local_epochs=5 "
+OWNER = ("model=tiny-llama recipe=plain dataset.num_train=200 dataset.num_test=40 num_rounds=1 "
+         "train.optimizer=sgd train.momentum=0 train.learning_rate=0.001 train.sample_rate=0.1 train.local_epochs=5 "
          f"train.batch_size=70 privacy.delta={DELTA}")
 
 

@@ -64,6 +64,9 @@ SHARED_DATA = Path(os.environ.get("DPLORA_SHARED_DATA", ROOT.parent / "shared" /
 MODES = [m for m in GRAD_SAMPLE_MODES if m != "auto"]
 MODELS = ("minilm", "tiny-llama")
 HEADLINE = ("dp_step_ratio", "dp_memory_ratio", "upload_fraction", "flower_overhead_ratio")
+# The measurements set their own batch sizes on config.yaml's values (LoRA with A trained), as docs/PERFORMANCE.md
+# reports them; the training recipes (conf/recipe/) would set a sample rate and FFA-LoRA over them.
+PLAIN = "recipe=plain"
 PADDED = 10**6  # train.micro_batch_size that makes a batch one pass, padded to its longest example (before)
 
 
@@ -111,7 +114,7 @@ class Stepper:
 
 
 def step_times(model_name: str, overrides: str, batch_size: int, repeats: int, steps: int) -> dict:
-    cfg = config.compose(f"model={model_name} {overrides} train.batch_size={batch_size}")
+    cfg = config.compose(f"{PLAIN} model={model_name} {overrides} train.batch_size={batch_size}")
     model, tokenizer = models.build_model(cfg, device())
     batch = fixed_batch(cfg, tokenizer, batch_size)
     variants: dict[str, Stepper | str] = {"non_private": Stepper(model, cfg, batch, None)}
@@ -157,7 +160,7 @@ def _rss_mb(field: str) -> float:
 
 def memory_child(model_name: str, overrides: str, batch_size: int, steps: int, mode: str) -> dict:
     """In a fresh process: peak memory while training `steps` steps (mode 'none' = no DP)."""
-    cfg = config.compose(f"model={model_name} {overrides} train.batch_size={batch_size}")
+    cfg = config.compose(f"{PLAIN} model={model_name} {overrides} train.batch_size={batch_size}")
     model, tokenizer = models.build_model(cfg, device())
     batch = fixed_batch(cfg, tokenizer, batch_size)
     if device().type == "cuda":
@@ -195,7 +198,7 @@ def upload(model_name: str, overrides: str) -> dict:
     format, for the configured adapter and for FFA-LoRA. The update encoded is a real-sized random one."""
     result = {}
     for variant, extra in (("lora", ""), ("ffa", " model.lora.train_a=false")):
-        cfg = config.compose(f"model={model_name} {overrides}{extra}")
+        cfg = config.compose(f"{PLAIN} model={model_name} {overrides}{extra}")
         model, _ = models.build_model(cfg, "cpu")
         full = sum(p.numel() * p.element_size() for name, p in model.named_parameters()
                    if "lora_" not in name and "modules_to_save" not in name)  # the model without the adapter
@@ -205,7 +208,7 @@ def upload(model_name: str, overrides: str) -> dict:
         result[variant] = {"upload_bytes": sent, "model_bytes": full,
                            "fraction": {dtype: b / full for dtype, b in sent.items()},
                            "tensors": len(start), "values": sum(v.numel() for v in start.values())}
-    default = config.compose(f"model={model_name} {overrides}")
+    default = config.compose(f"model={model_name} {overrides}")  # what a user gets: the DP recipe
     variant = "lora" if default.model.lora.train_a else "ffa"
     result["default"] = {"variant": variant, "dtype": default.transport.dtype,
                          "fraction": result[variant]["fraction"][default.transport.dtype]}
@@ -217,7 +220,7 @@ def upload(model_name: str, overrides: str) -> dict:
 def plain_loop_child(overrides: str, num_clients: int) -> dict:
     """The same rounds as the simulation, without Flower: clients train in turn, average, evaluate."""
     start = time.perf_counter()
-    cfg = config.compose(overrides)
+    cfg = config.compose(f"{PLAIN} {overrides}")
     model, tokenizer = models.build_model(cfg, device())
     test_sets, test_labels = data.test_sets(cfg, tokenizer)
     evaluate(model, test_sets, test_labels, cfg)
@@ -275,7 +278,7 @@ def padding(name: str, quick: bool, micro: int | None = None) -> dict:
     """Tokens computed per real token, and examples per second, micro-batched vs padded, for one dataset.
     `micro`: examples per micro-batch (default: the product's train.micro_batch_size)."""
     batch, steps, repeats = (64, 2, 1) if quick else (64, 6, 3)
-    cfg = config.compose(f"{dataset_overrides(name)} train.batch_size={batch}")
+    cfg = config.compose(f"{PLAIN} {dataset_overrides(name)} train.batch_size={batch}")
     micro = micro or cfg.train.micro_batch_size
     model, tokenizer = models.build_model(cfg, device())
     train_split = data.load_split(cfg.dataset, "train")
@@ -296,7 +299,7 @@ def padding(name: str, quick: bool, micro: int | None = None) -> dict:
         for variant in seconds:
             private = variant.startswith("dp")
             run_cfg = config.compose(
-                f"{dataset_overrides(name)} train.batch_size={batch} train.sample_rate={q} "
+                f"{PLAIN} {dataset_overrides(name)} train.batch_size={batch} train.sample_rate={q} "
                 f"train.micro_batch_size={PADDED if variant == 'padded' else micro} "
                 + ("" if private else "privacy=none"))
             models.load_adapter_state(model, start_state)
@@ -370,13 +373,13 @@ def flower_figures(quick: bool, fpb: str) -> dict:
         work = Path(tmp)
         with simulation.local_superlink(work / "flwr_home") as env:
             if quick:  # tiny-llama on small synthetic data; the overhead run is also the 2-client point
-                base = "model=tiny-llama dataset.num_test=40 train.local_epochs=1 train.batch_size=16"
+                base = f"{PLAIN} model=tiny-llama dataset.num_test=40 train.local_epochs=1 train.batch_size=16"
                 per_client, clients, overhead_clients = 32, [1, 2], 2
                 overhead = f"{base} dataset.num_train={2 * per_client} num_rounds=2 strategy.min_clients=2"
             else:  # MiniLM on FPB, as users run it
-                base = "dataset.num_test=200 train.local_epochs=1"
+                base = f"{PLAIN} dataset.num_test=200 train.local_epochs=1"
                 per_client, clients, overhead_clients = 128, [2, 5, 10, 20], 5
-                overhead = f"{fpb} num_rounds=2"
+                overhead = f"{PLAIN} {fpb} num_rounds=2"
             log(f"Flower overhead: `flwr run` with {overhead_clients} clients vs a plain loop: {overhead}")
             flwr_s, overhead_metrics = flower_run(overhead, overhead_clients, env, work, "overhead")
             plain = plain_loop(overhead, overhead_clients)

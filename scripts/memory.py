@@ -115,8 +115,9 @@ def main() -> int:
     args = parser.parse_args()
     if args.rounds < 3 or args.owners < 1:
         parser.error("--rounds must be at least 3 and --owners at least 1")
-    base = ("model=tiny-llama dataset.num_train=600 dataset.num_test=100 train.batch_size=16" if args.quick else
-            f"model=minilm dataset=fpb dataset.path={SHARED_DATA / 'fpb'}")
+    # recipe=plain: config.yaml's training values, as docs/PERFORMANCE.md reports them
+    base = ("recipe=plain model=tiny-llama dataset.num_train=600 dataset.num_test=100 train.batch_size=16"
+            if args.quick else f"recipe=plain model=minilm dataset=fpb dataset.path={SHARED_DATA / 'fpb'}")
     overrides = f"{base} num_rounds={args.rounds} {' '.join(args.overrides)}"
     cfg = config.compose(overrides)
     print(f"[memory] {overrides}; {args.owners} owners, {args.rounds} rounds"
