@@ -13,9 +13,9 @@ FPB, the full search:
 1. grid, each arm: q in {0.05, 0.2, 0.5} x learning rate in {1e-3, 3e-3, 1e-2}, 5 rounds (the same 5
    passes over the data: 100, 25 and 10 steps), with FFA-LoRA
    (model.lora.train_a=false) and the head from label descriptions (model.head_init=descriptions).
-2. more, at each arm's best: one step past the grid's edge where the best lies on it (learning rate x3 or
-   /3, q /2.5 or 1.0); 10 rounds (twice the steps, the same budget: the noise is recalibrated); epsilon 8 also
-   clipping norm C = 0.1 (against 1.0).
+2. edge and more, at each arm's best: one step past the grid's edge where the best lies on it (learning rate
+   x3 or /3, q /2.5 or 1.0); then, at that best and at the grid's best, 10 rounds (twice the steps, the same
+   budget: the noise is recalibrated) and, at epsilon 8, clipping norm C = 0.1 (against 1.0).
 3. levers, at each arm's best: a learning rate decaying linearly over the run (train.lr_schedule=linear);
    server momentum (FedAvgM, 0.5) and server Adam (FedAdam, eta 0.1), the settings scripts/strategies.py
    chose on validation at epsilon 8. Epsilon 8 also: plain LoRA (A trains too) at the best rate and a tenth of
@@ -141,10 +141,14 @@ def search(out: Path, dataset: str) -> dict:
     for arm in ARMS:
         chosen[arm] = s.best("1-grid", arm, grid)
     for arm in ARMS:
-        best = chosen[arm]
-        more = [best, *beyond(best), best | {"num_rounds": "10"}]
-        if arm == "eps8":
-            more.append(best | {"privacy.max_grad_norm": "0.1"})
+        grid_best = chosen[arm]
+        edge_best = s.best("2-edge", arm, [grid_best, *beyond(grid_best)])
+        more = [edge_best]
+        for base in dict.fromkeys(map(json.dumps, [edge_best, grid_best])):  # both, where the edge won
+            base = json.loads(base)
+            more.append(base | {"num_rounds": "10"})
+            if arm == "eps8":
+                more.append(base | {"privacy.max_grad_norm": "0.1"})
         chosen[arm] = s.best("2-more", arm, more)
     for arm in ARMS:
         best, lr = chosen[arm], chosen[arm]["train.learning_rate"]
