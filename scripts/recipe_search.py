@@ -100,7 +100,6 @@ class Search:
         if complete:
             print("\n".join(lines), flush=True)
 
-
     def grid_tables(self) -> list[str]:
         """Stage 1 as one table per arm: validation accuracy (test accuracy) per q x learning rate."""
         lines = []
@@ -144,8 +143,7 @@ def search(out: Path, dataset: str) -> dict:
         grid_best = chosen[arm]
         edge_best = s.best("2-edge", arm, [grid_best, *beyond(grid_best)])
         more = [edge_best]
-        for base in dict.fromkeys(map(json.dumps, [edge_best, grid_best])):  # both, where the edge won
-            base = json.loads(base)
+        for base in [edge_best] if edge_best == grid_best else [edge_best, grid_best]:
             more.append(base | {"num_rounds": "10"})
             if arm == "eps8":
                 more.append(base | {"privacy.max_grad_norm": "0.1"})
