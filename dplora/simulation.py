@@ -130,6 +130,23 @@ def _stat(pid: int) -> list[str]:
         return []
 
 
+def finished_run(output_dir: Path, overrides: str) -> dict | None:
+    """The metrics.json of a run that already finished in `output_dir` (every round, not marked FAILED) with
+    exactly the config `overrides` compose to; None otherwise. A sweep run again into the same folder skips
+    such jobs, so an interrupted grid continues with the job it was in."""
+    path = output_dir / "metrics.json"
+    if not path.is_file() or (output_dir / "FAILED").exists():
+        return None
+    try:
+        metrics = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    wanted = json.loads(json.dumps(config.to_dict(config.compose(overrides))))  # as metrics.json holds it
+    if not isinstance(metrics, dict) or metrics.get("config") != wanted:
+        return None
+    return metrics if len(metrics.get("rounds") or []) == wanted["num_rounds"] else None
+
+
 def flwr_run(overrides: str, output_dir: Path, num_supernodes: int, env: dict[str, str],
              on_line: Callable[[str], None] = lambda line: None, timeout: float = 24 * 3600) -> dict:
     """`flwr run .` one simulation; return its metrics.json, or raise SimulationError if a round is missing."""

@@ -6,7 +6,9 @@ Every job composes conf/ with its overrides (as the apps do), runs `flwr run .` 
 `sweep.num_supernodes` simulated owners on a SuperLink this script starts and stops, and leaves metrics.json,
 adapter/, checkpoint/ and flwr.log in its Hydra job directory (multirun/<date>/<time>/<job>/). Per-round
 summary lines are printed as they come. A failed job is reported, the sweep goes on, and the script exits 1
-at the end naming every failed job. Then: python scripts/report.py multirun/<date>/<time> --out DIR
+at the end naming every failed job. A job whose folder already holds a finished run of the same config (every
+round of it in metrics.json) is skipped, so a multirun repeated into the same hydra.sweep.dir continues with
+the job it stopped in. Then: python scripts/report.py multirun/<date>/<time> --out DIR
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from omegaconf import DictConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from dplora import config
-from dplora.simulation import SimulationError, flwr_run, local_superlink
+from dplora.simulation import SimulationError, finished_run, flwr_run, local_superlink
 
 FAILED: list[str] = []
 ENV: dict[str, str] = {}
@@ -36,6 +38,11 @@ def job(cfg: DictConfig) -> float | None:
     overrides = " ".join(shlex.quote(o) if " " in o else o for o in hc.overrides.task)
     name = f"job {hc.job.num} ({overrides or 'defaults'})"
     out = Path(hc.runtime.output_dir)
+    if (done := finished_run(out, overrides)) is not None:
+        final = done["rounds"][-1]
+        print(f"[sweep] {name}: finished before in {out} (all {len(done['rounds'])} rounds, the same config), "
+              f"accuracy {final['accuracy']:.4f}: skipped (delete the folder to run it again)", flush=True)
+        return final["accuracy"]
     print(f"[sweep] {name}: starting, results in {out}", flush=True)
     (out / "FAILED").unlink(missing_ok=True)  # a rerun into the same folder: an old failure no longer applies
     start = time.time()

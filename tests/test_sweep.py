@@ -10,6 +10,8 @@ import sys
 import pytest
 from omegaconf import OmegaConf
 
+from dplora.simulation import finished_run
+
 from .conftest import ROOT
 
 JOB = ("model=tiny-llama recipe=plain num_rounds=2 dataset.num_train=160 dataset.num_test=40 train.batch_size=16 "
@@ -42,6 +44,26 @@ def test_sweep_runs_each_job_reports_failures_and_feeds_the_report(tmp_path):
     markdown = (report / "results.md").read_text()
     assert "| synthetic | iid | 4 | 1 |" in markdown and "Failed or unfinished jobs (1)" in markdown
     assert (report / "privacy_utility.png").read_bytes()[:4] == b"\x89PNG"
+
+    # the same multirun again into the same folder: the finished jobs are skipped, the failed one is retried
+    before = {job: (sweep_dir / job / "metrics.json").stat().st_mtime_ns for job in ("0", "1")}
+    again = subprocess.run([sys.executable, "scripts/sweep.py", "-m", *JOB, "privacy.target_epsilon=4,null,-1",
+                            f"hydra.sweep.dir={sweep_dir}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 1 and "1 job(s) failed" in again.stderr, again.stdout[-3000:]
+    assert again.stdout.count("finished before") == 2
+    starts = [line for line in again.stdout.splitlines() if ": starting" in line]
+    assert len(starts) == 1 and "job 2 (" in starts[0]
+    assert {job: (sweep_dir / job / "metrics.json").stat().st_mtime_ns for job in ("0", "1")} == before
+    # only a finished run of exactly this config counts
+    job0 = " ".join([*JOB, "privacy.target_epsilon=4"])
+    assert finished_run(sweep_dir / "0", job0)["rounds"][-1]["round"] == 2
+    assert finished_run(sweep_dir / "0", job0 + " seed=1") is None  # another config
+    assert finished_run(sweep_dir / "2", " ".join([*JOB, "privacy.target_epsilon=1"])) is None  # no run there
+    metrics = json.loads((sweep_dir / "0" / "metrics.json").read_text())
+    (sweep_dir / "0" / "metrics.json").write_text(json.dumps(metrics | {"rounds": metrics["rounds"][:1]}))
+    assert finished_run(sweep_dir / "0", job0) is None  # a killed run: round 2 missing
+    (sweep_dir / "0" / "metrics.json").write_text("{not json")
+    assert finished_run(sweep_dir / "0", job0) is None
 
 
 def test_results_script_refuses_a_missing_data_folder(tmp_path):
