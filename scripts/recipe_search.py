@@ -15,7 +15,8 @@ FPB, the full search:
    (model.lora.train_a=false) and the head from label descriptions (model.head_init=descriptions).
 2. edge and more, at each arm's best: one step past the grid's edge where the best lies on it (learning rate
    x3 or /3, q /2.5 or 1.0); then, at that best and at the grid's best, 10 rounds (twice the steps, the same
-   budget: the noise is recalibrated) and, at epsilon 8, clipping norm C = 0.1 (against 1.0).
+   budget: the noise is recalibrated) and, at epsilon 8, clipping norm C = 0.1 (against 1.0); and at the
+   edge's best 2 local epochs a round (the steps of 10 rounds in 5 rounds' communication).
 3. levers, at each arm's best: a learning rate decaying linearly over the run (train.lr_schedule=linear);
    server momentum (FedAvgM, 0.5) and server Adam (FedAdam, eta 0.1), the settings scripts/strategies.py
    chose on validation at epsilon 8. Epsilon 8 also: plain LoRA (A trains too) at the best rate and a tenth of
@@ -69,7 +70,8 @@ class Search:
                         for k, v in sorted(settings.items()))
         folder = self.out / arm / name  # the same settings in two stages: one run
         privacy = ARMS.get(arm, f"privacy.target_epsilon={arm.removeprefix('eps')}")
-        sweep(folder, [*COMMON, *DATASETS[self.dataset], privacy, *(f"{k}={v}" for k, v in settings.items())],
+        common = [o for o in COMMON if o.split("=")[0] not in settings]  # a setting replaces COMMON's value
+        sweep(folder, [*common, *DATASETS[self.dataset], privacy, *(f"{k}={v}" for k, v in settings.items())],
               f"recipe {self.dataset}")
         accuracy, test = final(folder)[0], final(folder, "test_accuracy")[0]
         if all(r["folder"] != str(folder) for r in self.rows):
@@ -142,7 +144,7 @@ def search(out: Path, dataset: str) -> dict:
     for arm in ARMS:
         grid_best = chosen[arm]
         edge_best = s.best("2-edge", arm, [grid_best, *beyond(grid_best)])
-        more = [edge_best]
+        more = [edge_best, edge_best | {"train.local_epochs": "2"}]  # the steps of 10 rounds in 5
         for base in [edge_best] if edge_best == grid_best else [edge_best, grid_best]:
             more.append(base | {"num_rounds": "10"})
             if arm == "eps8":

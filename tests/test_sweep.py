@@ -105,11 +105,15 @@ def test_experiment_scripts_pass_overrides_that_hydra_parses_and_the_config_acce
         module.search(tmp_path, "sst2")  # the check of FPB's recipe: its grid on SST-2, per arm
         assert len(seen) - fpb_runs == 2 * 9 and all("dataset=sst2" in o for o in seen[fpb_runs:])
         assert any("model.lora.target_modules=[query,value]" in o for o in seen)
+        assert any("train.local_epochs=2" in o for o in seen)
     else:
         monkeypatch.setattr(sys, "argv", ["strategies.py", str(tmp_path / "out")])
         monkeypatch.setattr(module, "DATA", tmp_path)
         assert module.main() == 0
     assert len(seen) > 10
+    for overrides in seen:  # one value per key (a setting replaces the common one)
+        keys = [o.split("=")[0] for o in overrides]
+        assert len(keys) == len(set(keys)), overrides
     for overrides in seen:  # the first job of each sweep
         keep = [f"{o.get_key_element()}={next(iter(o.sweep_string_iterator()))}" if o.is_sweep_override()
                 else o.input_line for o in parser.parse_overrides(overrides)
