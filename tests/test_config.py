@@ -1,8 +1,10 @@
 """Configuration: composition from conf/ and clear errors for bad input."""
 
+import json
 from pathlib import Path
 
 import pytest
+import yaml
 from omegaconf import OmegaConf
 
 from dplora import config
@@ -66,26 +68,45 @@ def test_the_privacy_choice_picks_its_training_recipe_and_any_key_still_override
     """conf/config.yaml selects recipe=${privacy}: privacy=dp gets conf/recipe/dp.yaml, privacy=none
     conf/recipe/none.yaml; recipe=plain leaves config.yaml's own values (the earlier results' settings)."""
     recipe = ("num_rounds", "train.local_epochs", "train.sample_rate", "train.batch_size", "train.optimizer",
-              "train.learning_rate", "train.lr_schedule", "model.lora.train_a")
+              "train.learning_rate", "train.lr_schedule", "model.lora.train_a", "model.lora.r", "model.lora.alpha")
 
-    def pick(cfg):
-        return {key: OmegaConf.select(cfg, key) for key in recipe}
+    def pick(cfg, keys=recipe):
+        return {key: OmegaConf.select(cfg, key) for key in keys}
 
     conf = Path(config.CONF_DIR) / "recipe"
     for privacy in ("dp", "none"):
         wanted = OmegaConf.load(conf / f"{privacy}.yaml")
-        assert pick(config.compose(f"privacy={privacy}")) == pick(wanted)
-    assert pick(config.compose("")) == pick(OmegaConf.load(conf / "dp.yaml"))  # privacy=dp is the default
+        keys = [key for key in recipe if OmegaConf.select(wanted, key, default="unset") != "unset"]
+        assert pick(config.compose(f"privacy={privacy}"), keys) == pick(wanted, keys)
+        assert len(keys) >= 8  # what the README says a recipe sets, at least
+    assert pick(config.compose("")) == pick(config.compose("privacy=dp"))  # privacy=dp is the default
     plain = config.compose("recipe=plain")
     assert pick(plain) == {"num_rounds": 3, "train.local_epochs": 2, "train.sample_rate": None,
                            "train.batch_size": 64, "train.optimizer": "adamw", "train.learning_rate": 0.01,
-                           "train.lr_schedule": "constant", "model.lora.train_a": True}
+                           "train.lr_schedule": "constant", "model.lora.train_a": True, "model.lora.r": 8,
+                           "model.lora.alpha": 16}
     assert config.compose("privacy=none recipe=dp").privacy.target_epsilon is None  # mixing is allowed
     overridden = config.compose("train.learning_rate=0.3 num_rounds=7 model.lora.train_a=true")
     assert (overridden.train.learning_rate, overridden.num_rounds, overridden.model.lora.train_a) == (0.3, 7, True)
     assert config.compose("").model.head_init == "descriptions"  # MiniLM's own choice, in conf/model/minilm.yaml
     with pytest.raises(ConfigError, match="recipe"):
         config.compose("recipe=fastest")
+
+
+def test_the_recipes_are_what_the_recipe_search_chose(monkeypatch):
+    """conf/recipe/dp.yaml and none.yaml hold the settings scripts/recipe_search.py chose on FPB's validation
+    split for epsilon 8 and the non-private arm (docs/results/recipe-fpb.json): composing each privacy choice
+    gives the chosen run's value for every training key the search set, its own or its common ones."""
+    root = Path(config.CONF_DIR).parent
+    monkeypatch.syspath_prepend(str(root / "scripts"))
+    from recipe_search import COMMON
+
+    search = json.loads((root / "docs/results/recipe-fpb.json").read_text())  # "complete": false while it runs
+    common = dict(o.split("=", 1) for o in COMMON if o.startswith(("train.", "model.lora.", "num_rounds")))
+    for arm, privacy in (("eps8", "dp"), ("nonprivate", "none")):
+        wanted = {key: yaml.safe_load(str(value)) for key, value in (common | search["chosen"][arm]).items()}
+        cfg = config.compose(f"model=minilm privacy={privacy}")
+        assert {key: OmegaConf.select(cfg, key) for key in wanted} == wanted, arm
 
 
 def test_bad_override_syntax_is_a_config_error():
