@@ -31,7 +31,8 @@ with everything else as FPB chose for that arm (needs FPB's recipe.json).
 
 OUT_DIR/<dataset>/recipe.json and recipe.md: every run's validation accuracy (and test accuracy beside it),
 what was chosen at each stage, and how many settings were tried (a setting tried in two stages counts once). A
-finished run is marked and skipped when the script runs again.
+finished run is marked and skipped when the script runs again; a run recorded in OUT_DIR/<dataset>/recipe.json
+whose folder is gone (a fresh checkout holds only the records, see .gitignore) is read from that record.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ import json
 import sys
 from pathlib import Path
 
-from stages import DATA, final, sweep
+from stages import DATA, ROOT, final, sweep
 
 # recipe=plain: every training key comes from here and the settings below, not from the defaults' recipe.
 COMMON = ["model=minilm", "recipe=plain", "sweep.num_supernodes=5", f"data_dir={DATA}", "partitioner=iid",
@@ -62,21 +63,31 @@ RATES = (1e-3, 3e-3, 1e-2)
 class Search:
     def __init__(self, out: Path, dataset: str):
         self.out, self.dataset, self.rows, self.chosen = out / dataset, dataset, [], {}
+        previous = self.out / "recipe.json"  # the record of an earlier, interrupted search into `out`
+        self.recorded = json.loads(previous.read_text())["runs"] if previous.is_file() else []
 
     def run(self, stage: str, arm: str, settings: dict) -> float:
-        """Validation accuracy of one run (run now, or read from before)."""
+        """Validation accuracy of one run: run now, read from its folder, or, where its folder is gone (a
+        fresh checkout keeps only the records: .gitignore), from the row recipe.json recorded for it."""
         # a folder name Hydra's override grammar reads as one plain value: no '=', brackets or commas
         name = "+".join(f"{k.split('.')[-1]}-{str(v).strip('[]').replace(',', '-')}"
                         for k, v in sorted(settings.items()))
         folder = self.out / arm / name  # the same settings in two stages: one run
-        privacy = ARMS.get(arm, f"privacy.target_epsilon={arm.removeprefix('eps')}")
-        common = [o for o in COMMON if o.split("=")[0] not in settings]  # a setting replaces COMMON's value
-        sweep(folder, [*common, *DATASETS[self.dataset], privacy, *(f"{k}={v}" for k, v in settings.items())],
-              f"recipe {self.dataset}")
-        accuracy, test = final(folder)[0], final(folder, "test_accuracy")[0]
-        if all(r["folder"] != str(folder) for r in self.rows):
+        where = str(folder.relative_to(ROOT)) if folder.is_relative_to(ROOT) else str(folder)
+        row = next((r for r in self.recorded if r["arm"] == arm and r["settings"] == settings), None)
+        if row is not None and not folder.is_dir():
+            accuracy, test = row["validation_accuracy"], row["test_accuracy"]
+            print(f"[recipe {self.dataset}] {name}: recorded in recipe.json (validation {accuracy:.4f}), "
+                  "not run again", flush=True)
+        else:
+            privacy = ARMS.get(arm, f"privacy.target_epsilon={arm.removeprefix('eps')}")
+            common = [o for o in COMMON if o.split("=")[0] not in settings]  # a setting replaces COMMON's value
+            sweep(folder, [*common, *DATASETS[self.dataset], privacy,
+                           *(f"{k}={v}" for k, v in settings.items())], f"recipe {self.dataset}")
+            accuracy, test = final(folder)[0], final(folder, "test_accuracy")[0]
+        if all(r["folder"] != where for r in self.rows):
             self.rows.append({"stage": stage, "arm": arm, "settings": settings, "validation_accuracy": accuracy,
-                              "test_accuracy": test, "folder": str(folder)})
+                              "test_accuracy": test, "folder": where})
             self.write(complete=False)  # the runs so far, readable while the search goes on
         return accuracy
 

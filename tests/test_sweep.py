@@ -4,6 +4,7 @@ import csv
 import importlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -101,7 +102,11 @@ def test_experiment_scripts_pass_overrides_that_hydra_parses_and_the_config_acce
     monkeypatch.setattr(module, "sweep" if script == "recipe_search" else "run_stage", fake_sweep)
     if script == "recipe_search":
         module.search(tmp_path, "fpb")
-        fpb_runs = len(seen)
+        fpb_runs, record = len(seen), json.loads((tmp_path / "fpb" / "recipe.json").read_text())
+        for arm in {r["arm"] for r in record["runs"]}:  # a fresh checkout: the run folders are gone
+            shutil.rmtree(tmp_path / "fpb" / arm)
+        module.search(tmp_path, "fpb")  # every run is read from the record, none is run again
+        assert len(seen) == fpb_runs and json.loads((tmp_path / "fpb" / "recipe.json").read_text()) == record
         module.search(tmp_path, "sst2")  # the check of FPB's recipe: its grid on SST-2, per arm
         assert len(seen) - fpb_runs == 2 * 9 and all("dataset=sst2" in o for o in seen[fpb_runs:])
         assert any("model.lora.target_modules=[query,value]" in o for o in seen)
