@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 from omegaconf import OmegaConf
 
 from dplora.simulation import finished_run
@@ -153,10 +154,25 @@ def test_the_results_grid_runs_every_epsilon_on_its_privacy_choices_recipe(tmp_p
                    for o in overrides if not o.get_key_element().startswith("hydra")]
         jobs += [config.compose(list(job)) for job in itertools.product(*choices)]
     assert len(jobs) == 84
-    dp, none = (OmegaConf.load(config.CONF_DIR / "recipe" / f"{name}.yaml") for name in ("dp", "none"))
+    # every job trains with what the recipe search chose for its dataset (PubMedQA: FPB's) and epsilon, on
+    # validation (docs/results/recipe-{fpb,sst2}.json): the epsilon's own choice, or epsilon 8's where the
+    # search tried no other (SST-2)
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from recipe_search import COMMON
+
+    common = dict(o.split("=", 1) for o in COMMON if o.startswith(("train.", "model.lora.", "num_rounds")))
+    search = {name: json.loads((ROOT / f"docs/results/recipe-{name}.json").read_text())["chosen"]
+              for name in ("fpb", "sst2")}
     for cfg in jobs:
+        chosen = search["sst2" if cfg.dataset.name == "sst2" else "fpb"]
+        epsilon = cfg.privacy.target_epsilon
+        arm = "nonprivate" if epsilon is None else f"eps{epsilon:g}" if f"eps{epsilon:g}" in chosen else "eps8"
+        wanted = {key: yaml.safe_load(str(value)) for key, value in (common | chosen[arm]).items()}
+        assert {key: OmegaConf.select(cfg, key) for key in wanted} == wanted, (cfg.dataset.name, arm)
+    dp, none = (OmegaConf.load(config.CONF_DIR / "recipe" / f"{name}.yaml") for name in ("dp", "none"))
+    for cfg in jobs:  # outside SST-2, the recipes as they are
         recipe = none if cfg.privacy.target_epsilon is None else dp
-        assert (cfg.train.learning_rate, cfg.train.sample_rate, cfg.num_rounds) == \
+        assert cfg.dataset.name == "sst2" or (cfg.train.learning_rate, cfg.train.sample_rate, cfg.num_rounds) == \
             (recipe.train.learning_rate, recipe.train.sample_rate, recipe.num_rounds)
         assert cfg.strategy.aggregator._target_.endswith("FedProx") == (cfg.partitioner.name == "dirichlet")
     settings = {(c.dataset.name, c.dataset.max_train, c.partitioner.name, c.privacy.target_epsilon) for c in jobs}
