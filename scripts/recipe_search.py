@@ -60,6 +60,15 @@ SAMPLE_RATES = (0.05, 0.2, 0.5)
 RATES = (1e-3, 3e-3, 1e-2)
 
 
+def training_settings(chosen: dict) -> dict:
+    """What a run with the `chosen` settings trains with: every training key the search set, its own and
+    COMMON's, as typed values (what composing the config gives)."""
+    import yaml
+
+    common = dict(o.split("=", 1) for o in COMMON if o.startswith(("train.", "model.lora.", "num_rounds")))
+    return {key: yaml.safe_load(str(value)) for key, value in (common | chosen).items()}
+
+
 class Search:
     def __init__(self, out: Path, dataset: str):
         self.out, self.dataset, self.rows, self.chosen = out / dataset, dataset, [], {}

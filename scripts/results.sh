@@ -5,8 +5,8 @@
 #                                                            ../shared/data or $DPLORA_SHARED_DATA)
 #
 # Every job uses the default training recipe of its privacy choice (conf/recipe/dp.yaml for epsilon 1, 4 and 8,
-# conf/recipe/none.yaml for the non-private arm; on SST-2 with the values SST-2's own check chose): MiniLM, 5 data owners, FedAvg on IID shares and FedProx on
-# Dirichlet(0.5) shares. Without --full, a first look: every epsilon and three seeds on IID shares for FPB,
+# conf/recipe/none.yaml for the non-private arm; on SST-2 with the values SST-2's own check chose): MiniLM, 5
+# data owners, FedAvg on IID shares and FedProx on Dirichlet(0.5) shares. Without --full, a first look: every epsilon and three seeds on IID shares for FPB,
 # SST-2 (a 2,000-sentence subsample) and PubMedQA. --full adds SST-2 with 10,000 sentences (IID: how the gap
 # closes with more records per owner) and the Dirichlet shares, in the same OUT_DIR.
 #

@@ -4,7 +4,6 @@ import json
 from pathlib import Path
 
 import pytest
-import yaml
 from omegaconf import OmegaConf
 
 from dplora import config
@@ -95,17 +94,16 @@ def test_the_privacy_choice_picks_its_training_recipe_and_any_key_still_override
 
 def test_the_recipes_are_what_the_recipe_search_chose(monkeypatch):
     """conf/recipe/dp.yaml and none.yaml hold the settings scripts/recipe_search.py chose on FPB's validation
-    split for epsilon 8, 4 and 1 and the non-private arm (docs/results/recipe-fpb.json): composing each privacy choice
-    gives the chosen run's value for every training key the search set, its own or its common ones."""
+    split for epsilon 8, 4 and 1 and the non-private arm (docs/results/recipe-fpb.json): composing each privacy
+    choice gives the chosen run's value for every training key the search set, its own or its common ones."""
     root = Path(config.CONF_DIR).parent
     monkeypatch.syspath_prepend(str(root / "scripts"))
-    from recipe_search import COMMON
+    from recipe_search import training_settings
 
     search = json.loads((root / "docs/results/recipe-fpb.json").read_text())
-    common = dict(o.split("=", 1) for o in COMMON if o.startswith(("train.", "model.lora.", "num_rounds")))
     for arm, privacy in (("eps8", "dp"), ("eps4", "dp privacy.target_epsilon=4"),
                          ("eps1", "dp privacy.target_epsilon=1"), ("nonprivate", "none")):
-        wanted = {key: yaml.safe_load(str(value)) for key, value in (common | search["chosen"][arm]).items()}
+        wanted = training_settings(search["chosen"][arm])
         cfg = config.compose(f"model=minilm privacy={privacy}")
         assert {key: OmegaConf.select(cfg, key) for key in wanted} == wanted, arm
 

@@ -9,7 +9,6 @@ import subprocess
 import sys
 
 import pytest
-import yaml
 from omegaconf import OmegaConf
 
 from dplora.simulation import finished_run
@@ -127,7 +126,7 @@ def test_experiment_scripts_pass_overrides_that_hydra_parses_and_the_config_acce
         config.compose([*keep, f"data_dir={tmp_path}"])
 
 
-def test_the_results_grid_runs_every_epsilon_on_its_privacy_choices_recipe(tmp_path):
+def test_the_results_grid_runs_every_epsilon_on_its_privacy_choices_recipe(tmp_path, monkeypatch):
     """scripts/results.sh --dry-run --full: every stage's sweep parses with Hydra's grammar, and every job in it
     composes into a valid config: the DP jobs get the DP recipe, the non-private ones the non-private recipe,
     the Dirichlet shares FedProx; 84 jobs, three seeds each setting."""
@@ -157,17 +156,16 @@ def test_the_results_grid_runs_every_epsilon_on_its_privacy_choices_recipe(tmp_p
     # every job trains with what the recipe search chose for its dataset (PubMedQA: FPB's) and epsilon, on
     # validation (docs/results/recipe-{fpb,sst2}.json): the epsilon's own choice, or epsilon 8's where the
     # search tried no other (SST-2)
-    sys.path.insert(0, str(ROOT / "scripts"))
-    from recipe_search import COMMON
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    from recipe_search import training_settings
 
-    common = dict(o.split("=", 1) for o in COMMON if o.startswith(("train.", "model.lora.", "num_rounds")))
     search = {name: json.loads((ROOT / f"docs/results/recipe-{name}.json").read_text())["chosen"]
               for name in ("fpb", "sst2")}
     for cfg in jobs:
         chosen = search["sst2" if cfg.dataset.name == "sst2" else "fpb"]
         epsilon = cfg.privacy.target_epsilon
         arm = "nonprivate" if epsilon is None else f"eps{epsilon:g}" if f"eps{epsilon:g}" in chosen else "eps8"
-        wanted = {key: yaml.safe_load(str(value)) for key, value in (common | chosen[arm]).items()}
+        wanted = training_settings(chosen[arm])
         assert {key: OmegaConf.select(cfg, key) for key in wanted} == wanted, (cfg.dataset.name, arm)
     dp, none = (OmegaConf.load(config.CONF_DIR / "recipe" / f"{name}.yaml") for name in ("dp", "none"))
     for cfg in jobs:  # outside SST-2, the recipes as they are
