@@ -27,7 +27,8 @@ FPB, the full search:
    next larger q (more records per noisy step).
 
 SST-2 (2,000 sentences), a check of FPB's recipe on another dataset: stage 1's grid of q x learning rate
-with everything else as FPB chose for that arm (needs FPB's recipe.json).
+with everything else as FPB chose for that arm, then stage 2's step past the grid's edge where an arm's best
+lies on it (needs FPB's recipe.json).
 
 OUT_DIR/<dataset>/recipe.json and recipe.md: every run's validation accuracy (and test accuracy beside it),
 what was chosen at each stage, and how many settings were tried (a setting tried in two stages counts once). A
@@ -191,7 +192,8 @@ def search(out: Path, dataset: str) -> dict:
 
 
 def check(out: Path, dataset: str) -> dict:
-    """Stage 1's grid of q x learning rate on another dataset, around FPB's recipe for each arm."""
+    """Stage 1's grid of q x learning rate on another dataset, around FPB's recipe for each arm, then one step
+    past the grid's edge where an arm's best lies on it (stage 2's first part)."""
     fpb = out / "fpb" / "recipe.json"
     if not fpb.is_file():
         raise SystemExit(f"{fpb} not found: run the FPB search first (--dataset fpb)")
@@ -203,6 +205,8 @@ def check(out: Path, dataset: str) -> dict:
         grid = [recipe[arm] | {"train.sample_rate": q, "train.learning_rate": lr}
                 for q in SAMPLE_RATES for lr in RATES]
         chosen[arm] = s.best("1-grid, FPB's recipe", arm, grid)
+    for arm in ARMS:
+        chosen[arm] = s.best("2-edge", arm, [chosen[arm], *beyond(chosen[arm])])
     s.write()
     return chosen
 

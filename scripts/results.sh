@@ -5,7 +5,7 @@
 #                                                            ../shared/data or $DPLORA_SHARED_DATA)
 #
 # Every job uses the default training recipe of its privacy choice (conf/recipe/dp.yaml for epsilon 1, 4 and 8,
-# conf/recipe/none.yaml for the non-private arm; on SST-2 with the values SST-2's own check chose): MiniLM, 5
+# conf/recipe/none.yaml for the non-private arm; on SST-2 with the share SST-2's own check chose): MiniLM, 5
 # data owners, FedAvg on IID shares and FedProx on Dirichlet(0.5) shares. Without --full, a first look: every epsilon and three seeds on IID shares for FPB,
 # SST-2 (a 2,000-sentence subsample) and PubMedQA. --full adds SST-2 with 10,000 sentences (IID: how the gap
 # closes with more records per owner) and the Dirichlet shares, in the same OUT_DIR.
@@ -46,8 +46,7 @@ seeds=seed=0,1,2
 sst2k2=(dataset=sst2 dataset.max_train=2000)    # fixed subsamples of SST-2's 67,349 training sentences
 sst2k10=(dataset=sst2 dataset.max_train=10000)
 # SST-2's own check of the recipes (docs/results/recipe-sst2.json, on its 2,000-sentence validation split)
-# chose another learning rate for the DP arm and another share for the non-private one; PubMedQA has none.
-sst2dp=(train.learning_rate=0.01)
+# chose FPB's recipe for the DP arm and another share for the non-private one; PubMedQA has no check.
 sst2none=(train.sample_rate=0.5)
 skew=(partitioner=dirichlet partitioner.alpha=0.5 strategy=fedprox)
 
@@ -76,16 +75,16 @@ stage() {  # stage NAME OVERRIDES...: one multirun into $out/NAME, skipped if it
 # A first look (36 jobs): IID shares, every epsilon, three seeds ...
 stage fpb-iid-dp dataset=fpb partitioner=iid "${dp[@]}" $seeds
 stage fpb-iid-none dataset=fpb partitioner=iid "${none[@]}" $seeds
-stage sst2-2000-iid-dp "${sst2k2[@]}" partitioner=iid "${dp[@]}" "${sst2dp[@]}" $seeds
+stage sst2-2000-iid-dp "${sst2k2[@]}" partitioner=iid "${dp[@]}" $seeds
 stage sst2-2000-iid-none "${sst2k2[@]}" partitioner=iid "${none[@]}" "${sst2none[@]}" $seeds
 stage pubmedqa-iid-dp dataset=pubmedqa partitioner=iid "${dp[@]}" $seeds
 stage pubmedqa-iid-none dataset=pubmedqa partitioner=iid "${none[@]}" $seeds
 if [[ $full == 1 ]]; then  # ... then 10,000 SST-2 sentences and the skewed shares (48 jobs)
-  stage sst2-10000-iid-dp "${sst2k10[@]}" partitioner=iid "${dp[@]}" "${sst2dp[@]}" $seeds
+  stage sst2-10000-iid-dp "${sst2k10[@]}" partitioner=iid "${dp[@]}" $seeds
   stage sst2-10000-iid-none "${sst2k10[@]}" partitioner=iid "${none[@]}" "${sst2none[@]}" $seeds
   stage fpb-dirichlet-dp dataset=fpb "${skew[@]}" "${dp[@]}" $seeds
   stage fpb-dirichlet-none dataset=fpb "${skew[@]}" "${none[@]}" $seeds
-  stage sst2-2000-dirichlet-dp "${sst2k2[@]}" "${skew[@]}" "${dp[@]}" "${sst2dp[@]}" $seeds
+  stage sst2-2000-dirichlet-dp "${sst2k2[@]}" "${skew[@]}" "${dp[@]}" $seeds
   stage sst2-2000-dirichlet-none "${sst2k2[@]}" "${skew[@]}" "${none[@]}" "${sst2none[@]}" $seeds
   stage pubmedqa-dirichlet-dp dataset=pubmedqa "${skew[@]}" "${dp[@]}" $seeds
   stage pubmedqa-dirichlet-none dataset=pubmedqa "${skew[@]}" "${none[@]}" $seeds

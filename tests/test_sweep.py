@@ -107,8 +107,11 @@ def test_experiment_scripts_pass_overrides_that_hydra_parses_and_the_config_acce
             shutil.rmtree(tmp_path / "fpb" / arm)
         module.search(tmp_path, "fpb")  # every run is read from the record, none is run again
         assert len(seen) == fpb_runs and json.loads((tmp_path / "fpb" / "recipe.json").read_text()) == record
-        module.search(tmp_path, "sst2")  # the check of FPB's recipe: its grid on SST-2, per arm
-        assert len(seen) - fpb_runs == 2 * 9 and all("dataset=sst2" in o for o in seen[fpb_runs:])
+        module.search(tmp_path, "sst2")  # the check of FPB's recipe: its grid on SST-2 and one step past its
+        # edge, per arm (all runs level: the grid's first cell wins, q 0.05 and lr 1e-3: it again, as the fake
+        # runner does not skip a finished run as scripts/sweep.py does, and two edges)
+        assert len(seen) - fpb_runs == 2 * (9 + 1 + 2) and all("dataset=sst2" in o for o in seen[fpb_runs:])
+        assert sum(f"train.learning_rate={1e-3 / 3}" in o for o in seen[fpb_runs:]) == 2
         assert any("model.lora.target_modules=[query,value]" in o for o in seen)
         assert any("train.local_epochs=2" in o for o in seen)
     else:
@@ -168,9 +171,10 @@ def test_the_results_grid_runs_every_epsilon_on_its_privacy_choices_recipe(tmp_p
         wanted = training_settings(chosen[arm])
         assert {key: OmegaConf.select(cfg, key) for key in wanted} == wanted, (cfg.dataset.name, arm)
     dp, none = (OmegaConf.load(config.CONF_DIR / "recipe" / f"{name}.yaml") for name in ("dp", "none"))
-    for cfg in jobs:  # outside SST-2, the recipes as they are
+    for cfg in jobs:  # the recipes as they are, but for the non-private arm on SST-2
         recipe = none if cfg.privacy.target_epsilon is None else dp
-        assert cfg.dataset.name == "sst2" or (cfg.train.learning_rate, cfg.train.sample_rate, cfg.num_rounds) == \
+        assert (cfg.dataset.name, recipe) == ("sst2", none) or \
+            (cfg.train.learning_rate, cfg.train.sample_rate, cfg.num_rounds) == \
             (recipe.train.learning_rate, recipe.train.sample_rate, recipe.num_rounds)
         assert cfg.strategy.aggregator._target_.endswith("FedProx") == (cfg.partitioner.name == "dirichlet")
     settings = {(c.dataset.name, c.dataset.max_train, c.partitioner.name, c.privacy.target_epsilon) for c in jobs}
