@@ -249,3 +249,33 @@ def test_micro_batches_cover_the_batch_sorted_and_trimmed():
     parts = micro_batches(batch, 2, torch.device("cpu"))
     assert [p[2].tolist() for p in parts] == [[1, 3], [0, 2]]  # longest first
     assert [p[0].shape for p in parts] == [(2, 4), (2, 2)]  # each trimmed to its own longest example
+
+
+@pytest.mark.parametrize("accountant", ["prv", "rdp"])
+def test_verify_privacy_allows_prv_its_eps_error_above_and_nothing_below(accountant, monkeypatch):
+    """scripts/verify_privacy.py at a small epsilon (one round at epsilon 1): Opacus' own epsilon for the record
+    re-derives with dp_accounting (PRV's upper bound lying up to its eps_error, 0.01, above the PLD one; RDP's
+    within 2% of dp_accounting's RDP, 14% above PLD here); a reported epsilon below the re-derived one by more
+    than the tolerance, or PRV's slack claimed by the RDP accountant, is a mismatch."""
+    monkeypatch.syspath_prepend(str(config.CONF_DIR.parent / "scripts"))
+    import verify_privacy
+
+    sigma, q, steps, delta = 2.5, 0.05, 20, 1e-5
+    independent = verify_privacy.pld_epsilon if accountant == "prv" else verify_privacy.rdp_epsilon
+    derived, reported = independent(sigma, q, steps, delta), privacy.epsilon(sigma, q, steps, delta, accountant)
+
+    def check(epsilon, accountant=accountant):
+        record = {"node_id": 1, "epsilon": epsilon, "noise_multiplier": sigma, "sample_rate": q, "steps": steps,
+                  "delta": delta}
+        metrics = {"config": {"privacy": {"target_epsilon": 1.0, "accountant": accountant}},
+                   "rounds": [{"round": 1, "clients": [record]}]}
+        return verify_privacy.verify(metrics, 0.02)[0]["ok"]
+
+    assert 0.2 < derived < 0.5 and check(reported)
+    if accountant == "prv":
+        assert check(derived * 1.02 + 0.0099) and not check(derived * 1.02 + 0.0101)
+    else:
+        assert check(derived * 1.02) and not check(derived * 1.02 + 0.0099)
+        assert verify_privacy.pld_epsilon(sigma, q, steps, delta) < 0.9 * derived
+    assert not check(derived * 0.97)  # understating what was spent
+    assert not check(1.01)  # above the run's target
