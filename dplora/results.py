@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 log = logging.getLogger(f"flwr.{__name__}")  # under Flower's logger: shown by `flwr run --stream`
 
@@ -123,6 +123,28 @@ class Checkpoint:
     run_key: str
     adapter: dict[str, torch.Tensor]
     metrics: dict  # metrics.json up to and including `round`
+    server_optimizer: dict[str, torch.Tensor] | None  # the server optimizer's state after `round`; None: not saved
+
+
+def optimizer_file(folder: Path, server_round: int) -> Path:
+    return folder / f"server_optimizer-{server_round}.safetensors"
+
+
+def save_optimizer_state(folder: Path, state: dict[str, torch.Tensor], server_round: int) -> None:
+    """The server optimizer's state after `server_round` (OwnerGuard.optimizer_state), beside the checkpoint's
+    adapter, one file per round: written before the adapter's round.json names the round; the earlier
+    rounds' files are removed by `drop_optimizer_states` after it does, so a crash at any point leaves the
+    file of the round round.json names."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / "server_optimizer.safetensors.tmp"
+    save_file(state, tmp)
+    os.replace(tmp, optimizer_file(folder, server_round))
+
+
+def drop_optimizer_states(folder: Path, before: int) -> None:
+    for path in folder.glob("server_optimizer-*.safetensors"):
+        if int(path.stem.rsplit("-", 1)[1]) < before:
+            path.unlink()
 
 
 def load_checkpoint(resume: bool | str, out_dir: Path, config: dict) -> Checkpoint:
@@ -150,7 +172,10 @@ def load_checkpoint(resume: bool | str, out_dir: Path, config: dict) -> Checkpoi
         raise ResumeError(f"cannot resume: the config differs from the checkpointed run's in {differ}")
     metrics["rounds"] = metrics["rounds"][:done]  # a round after the checkpoint is redone
     metrics["resumed_at"] = [*metrics.get("resumed_at", []), done]
-    return Checkpoint(round=done, run_key=info["run_key"], adapter=load_file(weights), metrics=metrics)
+    optimizer = optimizer_file(folder, done)
+    server_optimizer = load_file(optimizer) if optimizer.is_file() else None
+    return Checkpoint(round=done, run_key=info["run_key"], adapter=load_file(weights), metrics=metrics,
+                      server_optimizer=server_optimizer)
 
 
 def write_json(path: Path, obj) -> None:

@@ -11,7 +11,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from dplora import config, data, models, transport
-from dplora.results import RunRecorder, load_checkpoint, write_json
+from dplora.results import (RunRecorder, drop_optimizer_states, load_checkpoint, save_optimizer_state,
+                            write_json)
 from dplora.train import device, evaluate
 from server_app.strategy import OwnerGuard, build_strategy
 
@@ -36,7 +37,7 @@ def main(grid: Grid, context: Context) -> None:
              trainable, total, 100 * trainable / total, cfg.eval.split, len(test_labels))
     # A run key names this experiment in every owner's privacy ledger; a resumed run keeps it, so each
     # owner continues its account instead of starting a new one.
-    run_key, done, previous = secrets.token_hex(8), 0, None
+    run_key, done, previous, checkpoint = secrets.token_hex(8), 0, None, None
     if cfg.resume:
         checkpoint = load_checkpoint(cfg.resume, out_dir, config.to_dict(cfg))
         models.load_adapter_state(model, checkpoint.adapter)
@@ -58,13 +59,24 @@ def main(grid: Grid, context: Context) -> None:
         if server_round > done or done == 0:  # a resumed run's starting point is already recorded
             recorder.record_round(server_round, metrics)
         if server_round > done:  # the latest round's adapter, so that a crash loses at most one round
-            save_adapter(model, out_dir / "checkpoint", {"round": server_round, "run_key": run_key})
+            folder = out_dir / "checkpoint"
+            if strategy.has_optimizer_state():  # FedAvgM's momentum, FedAdam's moments: before round.json
+                save_optimizer_state(folder, strategy.optimizer_state(), server_round)
+            save_adapter(model, folder, {"round": server_round, "run_key": run_key})
+            drop_optimizer_states(folder, before=server_round)
         return MetricRecord(metrics)
 
     strategy = OwnerGuard(build_strategy(cfg), recorder, latest["arrays"], privacy=cfg.privacy,
                           min_clients=cfg.strategy.min_clients, round_offset=done, timeout=cfg.strategy.round_timeout,
                           max_update_norm=cfg.strategy.max_update_norm,
                           update_norm_action=cfg.strategy.update_norm_action, transport_dtype=cfg.transport.dtype)
+    if checkpoint is not None and checkpoint.server_optimizer is not None:
+        strategy.load_optimizer_state(checkpoint.server_optimizer)
+        log.info("restored the server optimizer's state after round %d (%d tensors)", done,
+                 len(checkpoint.server_optimizer))
+    elif checkpoint is not None and strategy.has_optimizer_state():
+        log.warning("the checkpoint holds no server-optimizer state for round %d: %s starts its optimizer afresh",
+                    done, cfg.strategy.name)
     if done < cfg.num_rounds:
         strategy.start(grid=grid, initial_arrays=latest["arrays"], num_rounds=cfg.num_rounds - done,
                        timeout=cfg.strategy.round_timeout, train_config=ConfigRecord({"run-key": run_key, transport.CONFIG_KEY: cfg.transport.dtype}),

@@ -25,6 +25,7 @@ from collections.abc import Iterable
 from functools import lru_cache
 
 import hydra.utils
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import (
@@ -110,6 +111,19 @@ def build_strategy(cfg: DictConfig) -> Strategy:
                else DifferentialPrivacyClientSideFixedClipping)
     return wrapper(aggregator, noise_multiplier=float(sigma), clipping_norm=float(user.clipping_norm),
                    num_sampled_clients=owners, accountant=user_level_accountant(user.delta, owners))
+
+
+# What Flower's server optimizers carry from round to round besides the global adapter: FedAvgM's momentum
+# (a list in the adapter's order), FedAdam's, FedYogi's and FedAdagrad's moments (dicts by name). A checkpoint
+# holds it (`OwnerGuard.optimizer_state`), so that a resumed run continues the same optimizer.
+OPTIMIZER_STATE = ("momentum_vector", "m_t", "v_t")
+
+
+def aggregator(strategy: Strategy) -> Strategy:
+    """The aggregator inside Flower's DP wrappers (and inside OwnerGuard)."""
+    while isinstance(getattr(strategy, "strategy", None), Strategy):
+        strategy = strategy.strategy
+    return strategy
 
 
 class OwnerGuard(Strategy):
@@ -214,6 +228,45 @@ class OwnerGuard(Strategy):
         self.recorder.record_clients(clients, refused, failed, aggregated=result[0] is not None,
                                      user_level=self.user_level())
         return result
+
+    # -- the server optimizer's state, for checkpoints ----------------------------------------------------
+
+    def has_optimizer_state(self) -> bool:
+        """Whether the aggregator keeps a server optimizer's state between rounds (FedAvgM, FedAdam, ...)."""
+        return any(hasattr(aggregator(self.strategy), name) for name in OPTIMIZER_STATE)
+
+    def optimizer_state(self) -> dict[str, torch.Tensor]:
+        """The aggregator's server-optimizer state as flat tensors, `<attribute>/<name or index>`; empty for a
+        stateless aggregator (FedAvg, FedProx, ...) and before the first aggregation."""
+        inner, state = aggregator(self.strategy), {}
+        for name in OPTIMIZER_STATE:
+            value = getattr(inner, name, None) or {}
+            items = value.items() if isinstance(value, dict) else enumerate(value)
+            state |= {f"{name}/{key}": torch.from_numpy(np.ascontiguousarray(array)) for key, array in items}
+        return state
+
+    def load_optimizer_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore `optimizer_state()`'s tensors into the aggregator (a resumed run). A state the aggregator
+        does not keep, or that does not fit the adapter, raises ValueError naming it."""
+        inner, names = aggregator(self.strategy), {key.split("/", 1)[0] for key in state}
+        for name in sorted(names):
+            if name not in OPTIMIZER_STATE or not hasattr(inner, name):
+                raise ValueError(f"the checkpoint holds server-optimizer state {name!r}, which "
+                                 f"{type(inner).__name__} does not keep: resume with the checkpointed run's strategy")
+            entries = {key.split("/", 1)[1]: tensor.numpy() for key, tensor in state.items()
+                       if key.split("/", 1)[0] == name}
+            if name == "momentum_vector":
+                value = [entries[str(i)] for i in range(len(entries))] if set(entries) == \
+                    {str(i) for i in range(len(entries))} else None
+                shapes = [tuple(t.shape) for t in self.reference.values()]
+                fits = value is not None and [a.shape for a in value] == shapes
+            else:
+                value = entries
+                fits = {k: a.shape for k, a in value.items()} == {k: tuple(t.shape) for k, t in self.reference.items()}
+            if not fits:
+                raise ValueError(f"the checkpoint's server-optimizer state {name!r} does not fit the adapter "
+                                 "(other names or shapes)")
+            setattr(inner, name, value)
 
     # -- influence ---------------------------------------------------------------------------------------
 

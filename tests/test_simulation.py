@@ -14,8 +14,10 @@ import time
 import pytest
 import torch
 from peft import PeftModel
+from safetensors.torch import load_file
 
 from dplora import config, data, models
+from dplora.results import optimizer_file
 from dplora.simulation import (
     SimulationError,
     descendants,
@@ -87,7 +89,10 @@ def test_flwr_run_simulation_end_to_end(superlink_env, tmp_path):
 
 
 def test_server_killed_after_round_1_resumes_without_losing_a_round_or_a_budget(superlink_env, tmp_path):
+    """FedAvgM: the checkpoint also holds the server momentum (tests/test_strategy.py checks that a loaded state
+    continues exactly)."""
     overrides = OVERRIDES.replace("num_rounds=2", "num_rounds=3").replace("num_train=200", "num_train=400")
+    overrides += " strategy=fedavgm"
     out, killed, finished = tmp_path / "run", [], threading.Event()
 
     def kill_at_first_checkpoint() -> None:  # the simulation process holds the ServerApp: SIGKILL it
@@ -113,6 +118,8 @@ def test_server_killed_after_round_1_resumes_without_losing_a_round_or_a_budget(
     first = json.loads((out / "metrics.json").read_text())
     done = json.loads((out / "checkpoint" / "round.json").read_text())["round"]
     assert done in (1, 2) and len(first["rounds"]) >= done
+    momentum = load_file(optimizer_file(out / "checkpoint", done))
+    assert momentum and all(k.startswith("momentum_vector/") for k in momentum)
 
     with pytest.raises(SimulationError, match="config differs"):  # a resume must continue the same experiment
         flwr_run(overrides + " seed=5 resume=true", out, 2, superlink_env, timeout=600)
@@ -126,6 +133,7 @@ def test_server_killed_after_round_1_resumes_without_losing_a_round_or_a_budget(
     for entry in ledgers:  # no owner spent more than the run planned, and both went on after the restart
         assert entry["round"] > done and 0 < entry["steps"] <= entry["planned_steps"]
     assert json.loads((out / "adapter" / "round.json").read_text())["round"] == 3
+    assert [p.name for p in (out / "checkpoint").glob("server_optimizer-*")] == ["server_optimizer-3.safetensors"]
 
 
 def test_fedprox_with_user_level_dp_ffa_lora_and_int8_upload_end_to_end(superlink_env, tmp_path):

@@ -7,6 +7,7 @@ import re
 
 import numpy as np
 import pytest
+import torch
 from flwr.app import (
     Array,
     ArrayRecord,
@@ -298,3 +299,49 @@ def test_user_level_dp_with_fewer_owners_than_planned_skips_the_round(tmp_path):
             return [1, 2]
     assert list(guard.configure_train(1, REFERENCE, ConfigRecord(), TwoOwners())) == []  # logged, not raised
     assert guard.aggregate_train(1, []) == (None, None)
+
+
+@pytest.mark.parametrize("strategy", ["fedavgm", "fedadam", "fedyogi", "fedadagrad", "fedavg"])
+def test_a_resumed_server_optimizer_continues_exactly_where_the_checkpoint_left_it(tmp_path, strategy):
+    """Three rounds straight against two rounds, a checkpoint of the server optimizer's state (as the ServerApp
+    writes it), a fresh strategy that loads it, then round 3: the same global adapter, bit for bit. Without the
+    state FedAvgM and FedAdam would restart their momentum and moments and end elsewhere."""
+    from safetensors.torch import load_file
+
+    from dplora.results import drop_optimizer_states, optimizer_file, save_optimizer_state
+
+    def guard(name):
+        return AdapterFedAvg(RunRecorder(tmp_path / name, {}, num_rounds=3, run_key="k"), REFERENCE, min_clients=2,
+                             strategy=strategy)
+
+    def round_(g, server_round, current):
+        g.configure_train(server_round, current, ConfigRecord(), FiveOwners())
+        values = [1.0 + server_round + g.round_offset, 0.5 * (server_round + g.round_offset)]  # the run's round
+        arrays, _ = g.aggregate_train(server_round, [_trained(i + 1, v) for i, v in enumerate(values)])
+        g.recorder.record_round(server_round, {"accuracy": 0.5, "loss": 1.0, "macro_f1": 0.4})
+        return arrays
+
+    straight, current = guard("straight"), REFERENCE
+    assert straight.optimizer_state() == {}  # nothing before the first aggregation
+    for server_round in (1, 2, 3):
+        current = round_(straight, server_round, current)
+    first, resumed = guard("first"), guard("resumed")
+    after_two = round_(first, 2, round_(first, 1, REFERENCE))
+    save_optimizer_state(tmp_path, {}, 1)  # the ServerApp's order: this round's file, round.json, then the
+    save_optimizer_state(tmp_path, first.optimizer_state(), 2)  # earlier rounds' files go
+    drop_optimizer_states(tmp_path, before=2)
+    assert [p.name for p in tmp_path.glob("server_optimizer-*")] == ["server_optimizer-2.safetensors"]
+    state = load_file(optimizer_file(tmp_path, 2))
+    assert first.has_optimizer_state() == (strategy != "fedavg") and bool(state) == (strategy != "fedavg")
+    resumed.load_optimizer_state(state)
+    resumed.round_offset = 2  # what the ServerApp gives a run resumed after round 2: Flower counts from 1 again
+    np.testing.assert_array_equal(round_(resumed, 1, after_two)["w"].numpy(), current["w"].numpy())
+    if strategy != "fedavg":
+        fresh = guard("fresh")  # the state is what makes the difference
+        fresh.round_offset = 2
+        assert not np.array_equal(round_(fresh, 1, after_two)["w"].numpy(), current["w"].numpy())
+        with pytest.raises(ValueError, match="does not fit the adapter"):
+            guard("bad").load_optimizer_state({k: v[:1] for k, v in state.items()})
+    with pytest.raises(ValueError, match="'v_t', which FedAvgM does not keep"):
+        AdapterFedAvg(RunRecorder(tmp_path / "m", {}, 3, "k"), REFERENCE, strategy="fedavgm").load_optimizer_state(
+            {"v_t/w": torch.zeros(2, 2)})
