@@ -9,7 +9,8 @@ DIR/privacy_utility.png (one panel per dataset: accuracy vs epsilon with error b
 non-private level and the majority class as labelled horizontal lines). A dataset kept as a subsample
 (dataset.max_train) is its own dataset, named with the size: sst2-2000. With `--before`, an earlier sweep's
 jobs (a folder) or an earlier report (its results.csv) are drawn beside them (hollow markers, thin lines) and
-tabulated in DIR/before.md. Jobs that failed are listed, not hidden.
+tabulated in DIR/before.md. DIR/targets.md holds the privacy-utility targets (TARGETS) as this sweep meets or
+misses them, and as the earlier one did. Jobs that failed are listed, not hidden.
 Jobs of one table row may differ only in seed (and data paths); other differences are an error.
 """
 
@@ -25,6 +26,36 @@ from pathlib import Path
 
 FIELDS = ["dataset", "partitioner", "target_epsilon", "seeds", "accuracy_mean", "accuracy_std",
           "macro_f1_mean", "macro_f1_std", "epsilon_spent_max", "seconds_mean", "majority"]
+
+# The privacy-utility targets (docs/RESULTS.md): on IID shares, the DP arm at `epsilon` at most `points` below the
+# non-private arm ("non-private") or at least `points` above the majority class ("majority"), mean over seeds.
+TARGETS = [("fpb", 8.0, "non-private", 3.0), ("fpb", 1.0, "majority", 5.0), ("sst2-2000", 8.0, "non-private", 8.0)]
+
+
+def target_lines(rows: list[dict], before: list[dict] | None = None) -> list[str]:
+    """DIR/targets.md: each target with the numbers that meet or miss it, after (and before)."""
+    majority = {r["dataset"]: r["majority"] for r in [*(before or []), *rows] if r.get("majority") is not None}
+
+    def measure(table, dataset, epsilon, reference, points):  # (the same test split before and after)
+        found = {r["target_epsilon"]: r for r in table if r["dataset"] == dataset and r["partitioner"] == "iid"}
+        dp, level = found.get(epsilon), found.get(None) if reference == "non-private" else None
+        if dp is None or (level is None if reference == "non-private" else dataset not in majority):
+            return "not run", None
+        ref = 100 * (level["accuracy_mean"] if reference == "non-private" else majority[dataset])
+        acc = 100 * dp["accuracy_mean"]
+        if reference == "non-private":
+            return f"{acc:.1f} vs {ref:.1f}: {ref - acc:.1f} below ({dp['seeds']}/{level['seeds']} seeds)", \
+                ref - acc <= points
+        return f"{acc:.1f} vs {ref:.1f}: {round(acc - ref, 1) + 0.0:+.1f} ({dp['seeds']} seeds)", acc - ref >= points
+
+    lines = ["| target (IID shares, mean over seeds) | before | after | met |", "| --- | --- | --- | --- |"]
+    for dataset, epsilon, reference, points in TARGETS:
+        what = (f"{dataset}, epsilon {epsilon:g} within {points:g} points of non-private" if reference == "non-private"
+                else f"{dataset}, epsilon {epsilon:g} at least {points:g} points above the majority class")
+        old = measure(before, dataset, epsilon, reference, points)[0] if before is not None else "-"
+        now, met = measure(rows, dataset, epsilon, reference, points)
+        lines.append(f"| {what} | {old} | {now} | {'-' if met is None else 'yes' if met else 'no'} |")
+    return lines
 
 
 def collect(sweep_dir: Path) -> tuple[list[dict], list[str]]:
@@ -250,8 +281,10 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         write_markdown(before, old_failed, args.out / "before.md")
     plot(rows, args.out / "privacy_utility.png", before)
+    (args.out / "targets.md").write_text("\n".join(target_lines(rows, before)) + "\n")
     print((args.out / "results.md").read_text(), end="")
-    print(f"wrote {args.out}/results.csv, results.md, privacy_utility.png from {len(jobs)} jobs"
+    print((args.out / "targets.md").read_text(), end="")
+    print(f"wrote {args.out}/results.csv, results.md, targets.md, privacy_utility.png from {len(jobs)} jobs"
           + (f"; {len(failed)} failed" if failed else ""))
     return 0
 

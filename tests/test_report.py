@@ -111,3 +111,28 @@ def test_before_can_be_an_earlier_reports_csv_and_subsamples_are_their_own_datas
     bad = subprocess.run([sys.executable, "scripts/report.py", str(tmp_path / "new"), "--out", str(tmp_path / "out"),
                           "--before", str(tmp_path / "bad.csv")], cwd=ROOT, capture_output=True, text=True)
     assert bad.returncode == 1 and "lacks accuracy_mean, accuracy_std" in bad.stderr
+
+
+def test_targets_are_met_or_missed_with_the_numbers_that_decide(tmp_path):
+    """DIR/targets.md: FPB epsilon 8 against non-private (3 points), FPB epsilon 1 against the majority class
+    (5 points; the earlier report has no majority column, the same test split's is used), SST-2 not run."""
+    for seed in (0, 1):
+        job(tmp_path / "new" / f"e8-{seed}", seed=seed, accuracy=0.76 + seed / 100, majority=0.594)
+        job(tmp_path / "new" / f"np-{seed}", seed=seed, accuracy=0.80, epsilon=None, majority=0.594)
+        job(tmp_path / "new" / f"e1-{seed}", seed=seed, accuracy=0.65, epsilon=1.0, majority=0.594)
+    (tmp_path / "old.csv").write_text(
+        "dataset,partitioner,target_epsilon,seeds,accuracy_mean,accuracy_std,macro_f1_mean,macro_f1_std,"
+        "epsilon_spent_max,seconds_mean\n"
+        "fpb,iid,1,3,0.5938,0.0,0.2484,0.0,0.998,338\n"
+        "fpb,iid,8,3,0.6976,0.0031,0.5755,0.016,7.963,342\n"
+        "fpb,iid,non-private,3,0.7749,0.0086,0.7321,0.0132,,317\n")
+    done = subprocess.run([sys.executable, "scripts/report.py", str(tmp_path / "new"), "--out", str(tmp_path / "out"),
+                           "--before", str(tmp_path / "old.csv")], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    targets = (tmp_path / "out" / "targets.md").read_text().splitlines()
+    assert targets[2] == ("| fpb, epsilon 8 within 3 points of non-private | 69.8 vs 77.5: 7.7 below (3/3 seeds) "
+                          "| 76.5 vs 80.0: 3.5 below (2/2 seeds) | no |")
+    assert targets[3] == ("| fpb, epsilon 1 at least 5 points above the majority class | 59.4 vs 59.4: +0.0 (3 seeds) "
+                          "| 65.0 vs 59.4: +5.6 (2 seeds) | yes |")
+    assert targets[4] == "| sst2-2000, epsilon 8 within 8 points of non-private | not run | not run | - |"
+    assert "targets.md" in done.stdout
