@@ -15,7 +15,7 @@
 # again, and within a stage every finished job is skipped (scripts/sweep.py), so a killed run continues with
 # the job it was in. A failed job fails its stage (it is rerun next time), the other stages still run, and the
 # script exits 1. Then scripts/report.py builds
-# OUT_DIR/report/{results.md,results.csv,privacy_utility.png,before.md} from every job below OUT_DIR, beside
+# OUT_DIR/report/{results.md,results.csv,targets.md,privacy_utility.png,before.md} from every job below OUT_DIR, beside
 # docs/results/before/results.csv (the grid before the recipes). --dry-run prints each stage's sweep command
 # and runs nothing.
 set -euo pipefail
