@@ -19,6 +19,7 @@
 # docs/results/before/results.csv (the grid before the recipes). --dry-run prints each stage's sweep command
 # and runs nothing.
 set -euo pipefail
+{  # bash reads all of it before it runs: editing this file cannot change a grid that is running
 cd "$(dirname "$0")/.."
 
 full=0 dry=0
@@ -96,3 +97,5 @@ if (( ${#failed[@]} )); then
   echo "[results] failed stages: ${failed[*]} (their finished jobs are in the report; rerun to retry)" >&2
   exit 1
 fi
+exit 0
+}
