@@ -34,21 +34,22 @@ absl_logging.set_verbosity(absl_logging.ERROR)  # dp_accounting's RDP notes on o
 PRV_EPS_ERROR = 0.01  # opacus.accountants.PRVAccountant.get_epsilon's default eps_error, which the runs use
 
 
+def sampled_gaussian_steps(noise_multiplier: float, sample_rate: float, steps: int) -> dp_accounting.DpEvent:
+    return dp_accounting.SelfComposedDpEvent(
+        dp_accounting.PoissonSampledDpEvent(sample_rate, dp_accounting.GaussianDpEvent(noise_multiplier)), steps)
+
+
 @cache
 def pld_epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: float) -> float:
-    event = dp_accounting.SelfComposedDpEvent(
-        dp_accounting.PoissonSampledDpEvent(sample_rate, dp_accounting.GaussianDpEvent(noise_multiplier)), steps)
     accountant = dp_accounting.pld.PLDAccountant(value_discretization_interval=1e-4)
-    accountant.compose(event)
+    accountant.compose(sampled_gaussian_steps(noise_multiplier, sample_rate, steps))
     return float(accountant.get_epsilon(delta))
 
 
 @cache
 def rdp_epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: float) -> float:
-    event = dp_accounting.SelfComposedDpEvent(
-        dp_accounting.PoissonSampledDpEvent(sample_rate, dp_accounting.GaussianDpEvent(noise_multiplier)), steps)
     accountant = dp_accounting.rdp.RdpAccountant()
-    accountant.compose(event)
+    accountant.compose(sampled_gaussian_steps(noise_multiplier, sample_rate, steps))
     return float(accountant.get_epsilon(delta))
 
 
