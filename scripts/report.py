@@ -209,7 +209,8 @@ def plot(rows: list[dict], path: Path, before: list[dict] | None = None) -> None
                                 color=color[partitioner], linewidth=0.8 if hollow else 1.8,
                                 markerfacecolor="white" if hollow else color[partitioner],
                                 alpha=0.6 if hollow else 1.0, label=name)
-                    values += [100 * (p["accuracy_mean"] + p["accuracy_std"]) for p in private]
+                    values += [100 * (p["accuracy_mean"] + sign * p["accuracy_std"]) for p in private
+                               for sign in (-1, 1)]
                 for p in points:
                     if p["target_epsilon"] is None:
                         level = 100 * p["accuracy_mean"]
@@ -231,13 +232,14 @@ def plot(rows: list[dict], path: Path, before: list[dict] | None = None) -> None
             ax.set_xticks(ticks, [f"{e:g}" for e in ticks])
             ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
             ax.set_xlim(min(ticks) / 1.5, max(ticks) * 1.5)
-        if values:  # room above the top line and its label, and below the majority line's label
+        if values:  # room above the top line and its label, below the lowest error bar and the majority label
             ax.set_ylim(min(values) - 6, max(values) + 6)
         ax.set_title(dataset)
         ax.set_xlabel("target epsilon per data owner")
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7, loc="lower right")
+            # below the panel, clear of the lines and their labels
+            ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
     axes[0][0].set_ylabel("final test accuracy (%)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
