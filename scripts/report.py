@@ -164,8 +164,8 @@ def write_csv(rows: list[dict], path: Path) -> None:
 
 
 def write_markdown(rows: list[dict], failed: list[str], path: Path) -> None:
-    lines = ["| dataset | partitioner | target epsilon | seeds | accuracy | macro-F1 | epsilon spent (max) "
-             "| seconds per job (rounds) |",
+    lines = [("| dataset | partitioner | target epsilon | seeds | accuracy | macro-F1 | epsilon spent (max) "
+              "| seconds per job (rounds) |"),
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         eps = "non-private" if r["target_epsilon"] is None else f"{r['target_epsilon']:g}"

@@ -36,7 +36,7 @@ def _round_of(checkpoint) -> float:
 
 
 def test_each_save_replaces_the_whole_checkpoint_and_peft_loads_it(run, tiny_cfg):
-    model, cfg, out, save = run
+    _, cfg, out, save = run
     save(1)
     save(2)
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint", "metrics.json"]  # no .tmp, no .old left
@@ -49,7 +49,7 @@ def test_each_save_replaces_the_whole_checkpoint_and_peft_loads_it(run, tiny_cfg
 
 
 def test_a_crash_while_writing_the_next_checkpoint_leaves_the_previous_one(run, monkeypatch):
-    model, cfg, out, save = run
+    _, cfg, out, save = run
     save(1)
 
     def crash(*args, **kwargs):
@@ -69,7 +69,7 @@ def test_a_crash_while_writing_the_next_checkpoint_leaves_the_previous_one(run, 
 @pytest.mark.parametrize("renamed", ["none", "old"])
 def test_a_crash_between_the_folder_renames_resumes_from_the_newest_complete_folder(run, monkeypatch, renamed):
     """Killed after round 2's folder is complete, before (none) or after (old) round 1's is moved aside."""
-    model, cfg, out, save = run
+    _, cfg, out, save = run
     save(1)
     real_rename, calls = type(out).rename, []
 
@@ -93,7 +93,7 @@ def test_a_crash_between_the_folder_renames_resumes_from_the_newest_complete_fol
 
 
 def test_no_complete_checkpoint_is_a_clear_error(run):
-    model, cfg, out, save = run
+    _, cfg, out, _ = run
     (out / "checkpoint.tmp").mkdir()  # a save that died before writing anything
     with pytest.raises(ResumeError, match="round.json not found"):
         load_checkpoint(True, out, cfg)

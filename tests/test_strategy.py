@@ -28,12 +28,12 @@ DP = OmegaConf.create({"target_epsilon": 8.0, "delta": 1e-5, "accountant": "prv"
 NON_PRIVATE = OmegaConf.create({"target_epsilon": None, "delta": 1e-5, "accountant": "prv"})
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _compose(overrides: str):
     return config.compose(overrides)
 
 
-def AdapterFedAvg(recorder, reference, *, privacy=DP, min_clients=1, strategy="fedavg", overrides="",  # noqa: N802
+def AdapterFedAvg(recorder, reference, *, privacy=DP, min_clients=1, strategy="fedavg", overrides="",
                   **kwargs):
     """The server's strategy as the ServerApp builds it: a Flower aggregator from conf/strategy/ in OwnerGuard."""
     cfg = _compose(f"strategy={strategy} strategy.min_clients={min_clients} {overrides}")
@@ -56,7 +56,7 @@ def _reply(node_id: int, content: RecordDict | Error) -> Message:
 REFERENCE = ArrayRecord({"w": Array(np.zeros((2, 2), dtype=np.float32))})
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _epsilon(sigma, steps):
     return privacy.epsilon(sigma, 0.1, steps, 1e-5, "prv")
 
