@@ -69,7 +69,7 @@ def load_hub_split(hub_id: str, hub_config: str | None, split: str):
     where = f"{hub_id} ({hub_config or 'default'}, split {split})"
     try:
         return datasets.load_dataset(hub_id, hub_config, split=split)
-    except Exception as err:  # noqa: BLE001
+    except Exception as err:
         raise DataError(f"{where}: cannot load from the Hugging Face Hub ({type(err).__name__}: {err}); it needs "
                         "internet access to huggingface.co (HF_HUB_OFFLINE must not be 1); without it, use a local "
                         "copy (dataset.source=local)") from err

@@ -19,7 +19,9 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +30,7 @@ from safetensors.torch import load_file, save_file
 
 log = logging.getLogger(f"flwr.{__name__}")  # under Flower's logger: shown by `flwr run --stream`
 
+ADAPTER_FILE = "adapter_model.safetensors"  # what peft's save_pretrained writes
 PRIVACY_KEYS = ("epsilon", "noise_multiplier", "sample_rate", "steps", "delta")
 ACCOUNTANTS = {"prv": "Opacus PRVAccountant (privacy random variables)", "rdp": "Opacus RDPAccountant (Renyi DP)"}
 
@@ -132,29 +135,61 @@ def optimizer_file(folder: Path, server_round: int) -> Path:
 
 def save_optimizer_state(folder: Path, state: dict[str, torch.Tensor], server_round: int) -> None:
     """The server optimizer's state after `server_round` (OwnerGuard.optimizer_state), beside the checkpoint's
-    adapter, one file per round: written before the adapter's round.json names the round; the earlier
-    rounds' files are removed by `drop_optimizer_states` after it does, so a crash at any point leaves the
-    file of the round round.json names."""
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / "server_optimizer.safetensors.tmp"
-    save_file(state, tmp)
-    os.replace(tmp, optimizer_file(folder, server_round))
+    adapter (written by `replace_checkpoint`'s `write`)."""
+    save_file(state, optimizer_file(folder, server_round))
 
 
-def drop_optimizer_states(folder: Path, before: int) -> None:
-    for path in folder.glob("server_optimizer-*.safetensors"):
-        if int(path.stem.rsplit("-", 1)[1]) < before:
-            path.unlink()
+def _siblings(folder: Path) -> tuple[Path, Path]:
+    return folder.with_name(folder.name + ".tmp"), folder.with_name(folder.name + ".old")
+
+
+def replace_checkpoint(folder: Path, write: Callable[[Path], None], info: dict) -> None:
+    """Replace the checkpoint `folder` as a whole, so that a crash at any point leaves a complete one.
+
+    `write(tmp)` fills a fresh sibling folder (`<folder>.tmp`: the adapter, the server optimizer's state), then
+    round.json goes in last (a folder with round.json is complete), then `folder` is renamed to `<folder>.old`,
+    `<folder>.tmp` to `folder`, and `<folder>.old` removed. `latest_checkpoint` picks the newest complete one of
+    the three."""
+    tmp, old = _siblings(folder)
+    shutil.rmtree(tmp, ignore_errors=True)  # a crashed earlier save's leftover
+    tmp.mkdir(parents=True)
+    write(tmp)
+    write_json(tmp / "round.json", info)
+    if folder.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        folder.rename(old)
+    tmp.rename(folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _complete_round(folder: Path) -> int | None:
+    try:
+        info = json.loads((folder / "round.json").read_text())
+        return int(info["round"]) if (folder / ADAPTER_FILE).is_file() else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def latest_checkpoint(folder: Path) -> Path:
+    """`folder`, or the sibling a save that crashed mid-way left complete (`replace_checkpoint`): of `folder`,
+    `<folder>.tmp` and `<folder>.old`, the complete one (round.json and the adapter) of the latest round;
+    `folder` itself if none is."""
+    done = [(r, -i, f) for i, f in enumerate((folder, *_siblings(folder))) if (r := _complete_round(f)) is not None]
+    return max(done)[2] if done else folder
 
 
 def load_checkpoint(resume: bool | str, out_dir: Path, config: dict) -> Checkpoint:
-    """The checkpoint to resume from: `<out_dir>/checkpoint` (resume=true) or the folder `resume` names.
+    """The checkpoint to resume from: `<out_dir>/checkpoint` (resume=true) or the folder `resume` names (or the
+    complete sibling a crashed save left, `latest_checkpoint`).
 
     The run's config must equal the checkpointed run's (but for `resume`): a resumed run continues the same
     experiment, with the same owners' accounts, and writes the same metrics.json.
     """
-    folder = out_dir / "checkpoint" if resume is True else Path(str(resume)).expanduser().resolve()
-    info_path, weights = folder / "round.json", folder / "adapter_model.safetensors"
+    named = out_dir / "checkpoint" if resume is True else Path(str(resume)).expanduser().resolve()
+    folder = latest_checkpoint(named)
+    if folder != named:
+        log.warning("resuming from %s: a save of %s was interrupted", folder, named)
+    info_path, weights = folder / "round.json", folder / ADAPTER_FILE
     metrics_path = out_dir / "metrics.json"
     for path in (info_path, weights, metrics_path):
         if not path.is_file():

@@ -28,10 +28,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from dplora import audit, config, data, models  # noqa: E402
-from dplora.privacy import PrivacyAccount, steps_per_round  # noqa: E402
-from dplora.results import write_json  # noqa: E402
-from dplora.train import sequence_losses, train_round, trim_padding  # noqa: E402
+from dplora import audit, config, data, models
+from dplora.privacy import PrivacyAccount, steps_per_round
+from dplora.results import write_json
+from dplora.train import sequence_losses, train_round, trim_padding
 
 CONFIDENCE = 0.95
 DELTA = 1e-5
@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         audits.append(result)
         flag = ("REFUTED" if result["claimed_epsilon"] is not None and result["epsilon_lower_bound"]
                 > result["claimed_epsilon"] else "")
-        print(f"[audit] {adversary:9} {mechanism:10} claimed {str(result['claimed_epsilon']):>4}: "
+        print(f"[audit] {adversary:9} {mechanism:10} claimed {result['claimed_epsilon']!s:>4}: "
               f"{result['correct_guesses']}/{result['guesses']} right, lower bound "
               f"{result['epsilon_lower_bound']:.3f}" + (f", AUC {result['auc']:.3f}" if "auc" in result else "")
               + f" ({result['steps']} steps, sigma {result['noise_multiplier']:.3f}, {result['seconds']} s) {flag}",

@@ -296,7 +296,7 @@ def padding(name: str, quick: bool, micro: int | None = None) -> dict:
     start_state = models.adapter_state(model)
     seconds: dict[str, list[float]] = {"micro_batched": [], "padded": [], "dp_micro_batched": []}
     for repeat in range(repeats):  # interleaved
-        for variant in seconds:
+        for variant, times in seconds.items():
             private = variant.startswith("dp")
             run_cfg = config.compose(
                 f"{PLAIN} {dataset_overrides(name)} train.batch_size={batch} train.sample_rate={q} "
@@ -305,7 +305,7 @@ def padding(name: str, quick: bool, micro: int | None = None) -> dict:
             models.load_adapter_state(model, start_state)
             account = PrivacyAccount.plan(run_cfg.privacy, q, steps)
             result = train_round(model, train_set, run_cfg, account, seed=repeat, steps=steps)
-            seconds[variant].append(result["seconds"] / (steps * batch))  # per expected example
+            times.append(result["seconds"] / (steps * batch))  # per expected example
     median = {k: statistics.median(v) for k, v in seconds.items()}
     return {"dataset": cfg.dataset.name, "batch_size": batch, "micro_batch_size": micro, "steps": steps,
             "repeats": repeats, "real_tokens": real, "tokens_padded": padded, "tokens_micro_batched": computed,

@@ -20,8 +20,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from dplora import hub_data  # noqa: E402
-from dplora.data import load_hub_split  # noqa: E402
+from dplora import hub_data
+from dplora.data import load_hub_split
 
 HUB_HOST = "huggingface.co"
 

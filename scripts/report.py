@@ -164,8 +164,8 @@ def write_csv(rows: list[dict], path: Path) -> None:
 
 
 def write_markdown(rows: list[dict], failed: list[str], path: Path) -> None:
-    lines = ["| dataset | partitioner | target epsilon | seeds | accuracy | macro-F1 | epsilon spent (max) "
-             "| seconds per job (rounds) |",
+    lines = [("| dataset | partitioner | target epsilon | seeds | accuracy | macro-F1 | epsilon spent (max) "
+              "| seconds per job (rounds) |"),
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         eps = "non-private" if r["target_epsilon"] is None else f"{r['target_epsilon']:g}"
@@ -182,7 +182,8 @@ def write_markdown(rows: list[dict], failed: list[str], path: Path) -> None:
 def plot(rows: list[dict], path: Path, before: list[dict] | None = None) -> None:
     """One panel per dataset: final test accuracy vs target epsilon (log scale, the epsilons that were run),
     mean +- std over seeds, a line per partitioner; each partitioner's non-private level (dashed) and the
-    majority class (grey, dotted) as labelled horizontal lines; `before` rows beside them, hollow and thin."""
+    majority class (grey, dotted) as horizontal lines, labelled on the line and in the legend below the panel;
+    `before` rows beside them, hollow and thin (their lines labelled in the legend only)."""
     import matplotlib
     import matplotlib.ticker
     matplotlib.use("Agg")
@@ -192,7 +193,7 @@ def plot(rows: list[dict], path: Path, before: list[dict] | None = None) -> None
     datasets = sorted({r["dataset"] for _, rs in runs for r in rs})
     partitioners = sorted({r["partitioner"] for _, rs in runs for r in rs})
     color = {p: f"C{i}" for i, p in enumerate(partitioners)}
-    fig, axes = plt.subplots(1, len(datasets), figsize=(4.2 * len(datasets), 4.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(datasets), figsize=(4.6 * len(datasets), 4.8), squeeze=False)
     for ax, dataset in zip(axes[0], datasets, strict=True):
         values, epsilons = [], set()
         for tag, rs in runs:
@@ -215,14 +216,16 @@ def plot(rows: list[dict], path: Path, before: list[dict] | None = None) -> None
                     if p["target_epsilon"] is None:
                         level = 100 * p["accuracy_mean"]
                         values.append(level)
-                        ax.axhline(level, color=color[partitioner], linestyle="--",
-                                   linewidth=0.8 if hollow else 1.2, alpha=0.6 if hollow else 1.0)
-                        ax.annotate(f"non-private, {name}: {level:.1f}", (0.02, level), xycoords=("axes fraction",
-                                    "data"), fontsize=7, color=color[partitioner], va="bottom")
+                        ax.axhline(level, color=color[partitioner], linestyle="--", label=f"non-private, {name}: "
+                                   f"{level:.1f}", linewidth=0.8 if hollow else 1.2, alpha=0.6 if hollow else 1.0)
+                        if not hollow:  # and on the line (before's lines are named in the legend only)
+                            ax.annotate(f"non-private, {name}: {level:.1f}", (0.02, level), xycoords=(
+                                        "axes fraction", "data"), fontsize=7, color=color[partitioner], va="bottom")
         majority = next((r["majority"] for _, rs in runs for r in rs
                          if r["dataset"] == dataset and r.get("majority") is not None), None)
         if majority is not None:
-            ax.axhline(100 * majority, color="grey", linestyle=":", linewidth=1.2)
+            ax.axhline(100 * majority, color="grey", linestyle=":", linewidth=1.2,
+                       label=f"majority class: {100 * majority:.1f}")
             ax.annotate(f"majority class: {100 * majority:.1f}", (0.98, 100 * majority),
                         xycoords=("axes fraction", "data"), fontsize=7, color="grey", ha="right", va="top")
             values.append(100 * majority)

@@ -22,10 +22,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import torch  # noqa: E402
+import torch
 
-from dplora import config, data, models  # noqa: E402
-from dplora.train import evaluate  # noqa: E402
+from dplora import config, data, models
+from dplora.train import evaluate
 
 DATA = Path(os.environ.get("DPLORA_SHARED_DATA", ROOT.parent / "shared" / "data"))
 CANDIDATES = {

@@ -11,8 +11,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from dplora import config, data, models, transport
-from dplora.results import (RunRecorder, drop_optimizer_states, load_checkpoint, save_optimizer_state,
-                            write_json)
+from dplora.results import RunRecorder, load_checkpoint, replace_checkpoint, save_optimizer_state
 from dplora.train import device, evaluate
 from server_app.strategy import OwnerGuard, build_strategy
 
@@ -59,11 +58,8 @@ def main(grid: Grid, context: Context) -> None:
         if server_round > done or done == 0:  # a resumed run's starting point is already recorded
             recorder.record_round(server_round, metrics)
         if server_round > done:  # the latest round's adapter, so that a crash loses at most one round
-            folder = out_dir / "checkpoint"
-            if strategy.has_optimizer_state():  # FedAvgM's momentum, FedAdam's moments: before round.json
-                save_optimizer_state(folder, strategy.optimizer_state(), server_round)
-            save_adapter(model, folder, {"round": server_round, "run_key": run_key})
-            drop_optimizer_states(folder, before=server_round)
+            state = strategy.optimizer_state() if strategy.has_optimizer_state() else None  # FedAvgM's momentum...
+            save_adapter(model, out_dir / "checkpoint", {"round": server_round, "run_key": run_key}, state)
         return MetricRecord(metrics)
 
     strategy = OwnerGuard(build_strategy(cfg), recorder, latest["arrays"], privacy=cfg.privacy,
@@ -86,7 +82,13 @@ def main(grid: Grid, context: Context) -> None:
     log.info("done: metrics in %s, final adapter in %s", recorder.path, out_dir / "adapter")
 
 
-def save_adapter(model, folder: Path, info: dict) -> None:
-    """peft's save_pretrained (load it with PeftModel.from_pretrained on the same base model) + round info."""
-    model.save_pretrained(folder)
-    write_json(folder / "round.json", info)
+def save_adapter(model, folder: Path, info: dict, optimizer_state: dict | None = None) -> None:
+    """peft's save_pretrained (load it with PeftModel.from_pretrained on the same base model) + round info (+ the
+    server optimizer's state), replacing `folder` as a whole: a crash mid-way leaves a complete checkpoint."""
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        if optimizer_state is not None:
+            save_optimizer_state(tmp, optimizer_state, info["round"])
+
+    replace_checkpoint(folder, write, info)

@@ -176,7 +176,7 @@ def test_pair_inputs_for_pubmedqa_classification(tmp_path):
     cfg = config.compose(f"dataset=pubmedqa dataset.path={tmp_path} model.max_length=64")
     _, tok = models.build_model(cfg)
     ds = data.load_split(cfg.dataset, "test").select(range(3))
-    ids, mask, labels = data.encode(ds, tok, cfg).tensors
+    ids, _, labels = data.encode(ds, tok, cfg).tensors
     assert ids.shape == (3, 64) and torch.equal(labels, torch.tensor(ds["label"]))
     assert all((row == tok.sep_token_id).sum() == 2 for row in ids)  # question [SEP] context [SEP]
 

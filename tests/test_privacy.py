@@ -150,7 +150,7 @@ def test_neighbouring_datasets_give_replies_with_identical_metadata(tiny_cfg, tm
         model, _ = models.build_model(cfg)
         original = privacy.PrivacyAccount.make_private
 
-        def spy(self, *args, **kwargs):
+        def spy(self, *args, original=original, **kwargs):
             out = original(self, *args, **kwargs)
             normalizers.append(out[1].expected_batch_size)
             return out

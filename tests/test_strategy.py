@@ -28,12 +28,12 @@ DP = OmegaConf.create({"target_epsilon": 8.0, "delta": 1e-5, "accountant": "prv"
 NON_PRIVATE = OmegaConf.create({"target_epsilon": None, "delta": 1e-5, "accountant": "prv"})
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _compose(overrides: str):
     return config.compose(overrides)
 
 
-def AdapterFedAvg(recorder, reference, *, privacy=DP, min_clients=1, strategy="fedavg", overrides="",  # noqa: N802
+def AdapterFedAvg(recorder, reference, *, privacy=DP, min_clients=1, strategy="fedavg", overrides="",
                   **kwargs):
     """The server's strategy as the ServerApp builds it: a Flower aggregator from conf/strategy/ in OwnerGuard."""
     cfg = _compose(f"strategy={strategy} strategy.min_clients={min_clients} {overrides}")
@@ -56,7 +56,7 @@ def _reply(node_id: int, content: RecordDict | Error) -> Message:
 REFERENCE = ArrayRecord({"w": Array(np.zeros((2, 2), dtype=np.float32))})
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _epsilon(sigma, steps):
     return privacy.epsilon(sigma, 0.1, steps, 1e-5, "prv")
 
@@ -308,7 +308,7 @@ def test_a_resumed_server_optimizer_continues_exactly_where_the_checkpoint_left_
     state FedAvgM and FedAdam would restart their momentum and moments and end elsewhere."""
     from safetensors.torch import load_file
 
-    from dplora.results import drop_optimizer_states, optimizer_file, save_optimizer_state
+    from dplora.results import optimizer_file, replace_checkpoint, save_optimizer_state
 
     def guard(name):
         return AdapterFedAvg(RunRecorder(tmp_path / name, {}, num_rounds=3, run_key="k"), REFERENCE, min_clients=2,
@@ -327,11 +327,11 @@ def test_a_resumed_server_optimizer_continues_exactly_where_the_checkpoint_left_
         current = round_(straight, server_round, current)
     first, resumed = guard("first"), guard("resumed")
     after_two = round_(first, 2, round_(first, 1, REFERENCE))
-    save_optimizer_state(tmp_path, {}, 1)  # the ServerApp's order: this round's file, round.json, then the
-    save_optimizer_state(tmp_path, first.optimizer_state(), 2)  # earlier rounds' files go
-    drop_optimizer_states(tmp_path, before=2)
-    assert [p.name for p in tmp_path.glob("server_optimizer-*")] == ["server_optimizer-2.safetensors"]
-    state = load_file(optimizer_file(tmp_path, 2))
+    folder = tmp_path / "checkpoint"  # as the ServerApp saves it after each round, replacing the earlier one
+    replace_checkpoint(folder, lambda tmp: save_optimizer_state(tmp, {}, 1), {"round": 1})
+    replace_checkpoint(folder, lambda tmp: save_optimizer_state(tmp, first.optimizer_state(), 2), {"round": 2})
+    assert [p.name for p in folder.glob("server_optimizer-*")] == ["server_optimizer-2.safetensors"]
+    state = load_file(optimizer_file(folder, 2))
     assert first.has_optimizer_state() == (strategy != "fedavg") and bool(state) == (strategy != "fedavg")
     resumed.load_optimizer_state(state)
     resumed.round_offset = 2  # what the ServerApp gives a run resumed after round 2: Flower counts from 1 again

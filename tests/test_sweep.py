@@ -15,8 +15,7 @@ from dplora.simulation import finished_run
 
 from .conftest import ROOT
 
-JOB = ("model=tiny-llama recipe=plain num_rounds=2 dataset.num_train=160 dataset.num_test=40 train.batch_size=16 "
-       "train.local_epochs=1 sweep.num_supernodes=2").split()
+JOB = ["model=tiny-llama", "recipe=plain", "num_rounds=2", "dataset.num_train=160", "dataset.num_test=40", "train.batch_size=16", "train.local_epochs=1", "sweep.num_supernodes=2"]
 
 
 def test_sweep_runs_each_job_reports_failures_and_feeds_the_report(tmp_path):
