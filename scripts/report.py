@@ -216,17 +216,18 @@ def plot(rows: list[dict], path: Path, before: list[dict] | None = None) -> None
                     if p["target_epsilon"] is None:
                         level = 100 * p["accuracy_mean"]
                         values.append(level)
-                        ax.axhline(level, color=color[partitioner], linestyle="--", label=f"non-private, {name}: "
-                                   f"{level:.1f}", linewidth=0.8 if hollow else 1.2, alpha=0.6 if hollow else 1.0)
+                        label = f"non-private, {name}: {level:.1f}"
+                        ax.axhline(level, color=color[partitioner], linestyle="--", label=label,
+                                   linewidth=0.8 if hollow else 1.2, alpha=0.6 if hollow else 1.0)
                         if not hollow:  # and on the line (before's lines are named in the legend only)
-                            ax.annotate(f"non-private, {name}: {level:.1f}", (0.02, level), xycoords=(
-                                        "axes fraction", "data"), fontsize=7, color=color[partitioner], va="bottom")
+                            ax.annotate(label, (0.02, level), xycoords=("axes fraction", "data"), fontsize=7,
+                                        color=color[partitioner], va="bottom")
         majority = next((r["majority"] for _, rs in runs for r in rs
                          if r["dataset"] == dataset and r.get("majority") is not None), None)
         if majority is not None:
-            ax.axhline(100 * majority, color="grey", linestyle=":", linewidth=1.2,
-                       label=f"majority class: {100 * majority:.1f}")
-            ax.annotate(f"majority class: {100 * majority:.1f}", (0.98, 100 * majority),
+            label = f"majority class: {100 * majority:.1f}"
+            ax.axhline(100 * majority, color="grey", linestyle=":", linewidth=1.2, label=label)
+            ax.annotate(label, (0.98, 100 * majority),
                         xycoords=("axes fraction", "data"), fontsize=7, color="grey", ha="right", va="top")
             values.append(100 * majority)
         ax.set_xscale("log")
