@@ -23,6 +23,9 @@ FPB, the full search:
    it (the FFA paper uses a 10x larger rate for FFA); a random head; fewer DP-trained coordinates: rank 4
    (alpha 8, the same scaling) and LoRA on query and value only. The best of these and the stage-2 choice (on
    validation) becomes the arm's recipe.
+3b. past the edge, at each arm's best: one step past each setting where stages 2-3 chose the last value they
+   tried (as stage 2 did for q and the learning rate): 20 rounds past 10, rank 2 (alpha 4) past 4, a 3x
+   larger learning rate past the one stage 2 stepped to, 3 local epochs past 2.
 4. lower budgets: epsilon 4 with the epsilon-8 recipe at its rate and a third of it; epsilon 1 also with the
    next larger q (more records per noisy step).
 
@@ -154,6 +157,22 @@ def beyond(best: dict) -> list[dict]:
     return steps
 
 
+def past_the_edge(best: dict) -> list[dict]:
+    """Stage 3b: one step past each setting where stages 2-3 chose the last value they tried (as stage 2 did
+    for q and the learning rate): twice the rounds past 10, rank 2 past 4, a 3x larger learning rate past the
+    edge stage 2 already took, 3 local epochs past 2."""
+    steps = []
+    if best.get("num_rounds") == "10":
+        steps.append(best | {"num_rounds": "20"})
+    if best.get("model.lora.r") == "4":
+        steps.append(best | {"model.lora.r": "2", "model.lora.alpha": "4"})
+    if best["train.learning_rate"] == 3 * max(RATES):
+        steps.append(best | {"train.learning_rate": 9 * max(RATES)})
+    if best.get("train.local_epochs") == "2":
+        steps.append(best | {"train.local_epochs": "3"})
+    return steps
+
+
 def search(out: Path, dataset: str) -> dict:
     if dataset != "fpb":
         return check(out, dataset)
@@ -181,6 +200,8 @@ def search(out: Path, dataset: str) -> dict:
                        best | {"model.lora.r": "4", "model.lora.alpha": "8"},
                        best | {"model.lora.target_modules": "[query,value]"}]
         chosen[arm] = s.best("3-levers", arm, [best, *levers])
+    for arm in ARMS:
+        chosen[arm] = s.best("3b-past the edge", arm, [chosen[arm], *past_the_edge(chosen[arm])])
     best, lr, q = chosen["eps8"], chosen["eps8"]["train.learning_rate"], chosen["eps8"]["train.sample_rate"]
     for arm in ("eps4", "eps1"):
         candidates = [best, best | {"train.learning_rate": lr / 3}]

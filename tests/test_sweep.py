@@ -128,6 +128,22 @@ def test_experiment_scripts_pass_overrides_that_hydra_parses_and_the_config_acce
         config.compose([*keep, f"data_dir={tmp_path}"])
 
 
+def test_the_recipe_search_steps_past_each_edge_its_choice_lies_on(monkeypatch):
+    """Stage 3b: one step past each setting where stages 2-3 chose the last value they tried, and none where
+    the choice lies inside what was tried."""
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    from recipe_search import past_the_edge
+
+    dp = {"num_rounds": "10", "model.lora.r": "4", "model.lora.alpha": "8", "train.learning_rate": 0.03,
+          "train.sample_rate": 0.05}
+    changes = [{k: v for k, v in step.items() if dp.get(k) != v} for step in past_the_edge(dp)]
+    assert changes == [{"num_rounds": "20"}, {"model.lora.r": "2", "model.lora.alpha": "4"},
+                       {"train.learning_rate": 0.09}]
+    nonprivate = {"num_rounds": "5", "train.learning_rate": 0.01, "train.local_epochs": "2"}
+    assert past_the_edge(nonprivate) == [nonprivate | {"train.local_epochs": "3"}]
+    assert past_the_edge({"num_rounds": "5", "train.learning_rate": 0.01, "model.lora.r": "8"}) == []
+
+
 def test_the_results_grid_runs_every_epsilon_on_its_privacy_choices_recipe(tmp_path, monkeypatch):
     """scripts/results.sh --dry-run --full: every stage's sweep parses with Hydra's grammar, and every job in it
     composes into a valid config: the DP jobs get the DP recipe, the non-private ones the non-private recipe,
