@@ -1,11 +1,9 @@
 """What one data owner does in one round: load the global adapter, train under its privacy account, reply.
 
-A reply carries the adapter tensors (fp32) and a MetricRecord with the privacy record: `epsilon` so far (inf
-without DP), `noise_multiplier`, `sample_rate`, `steps` (cumulative DP steps this run) and `delta`. All of
-these are functions of the public configuration (and of the size an owner publishes, where it publishes
-one), never of its exact record count. Nothing else about the private data leaves the client: no record
-count, no training loss, no local accuracy. A client whose budget would be exceeded, or whose owner's
-settings forbid the run, replies without arrays and with a `status` record saying why.
+The reply (dplora/protocol.py) carries the adapter tensors and the privacy record, all functions of the public
+configuration (and of the size an owner publishes, where it publishes one), never of its exact record count.
+Nothing else about the private data leaves the client: no record count, no training loss, no local accuracy.
+A client whose budget would be exceeded, or whose owner's settings forbid the run, sends a refusal instead.
 
 The owner's node config decides where its data and its ledger are, and what it accepts:
   data-path='/secure/owner_a.jsonl'      this owner's own file (JSON Lines, CSV or Parquet, by extension), or
@@ -31,10 +29,10 @@ import os
 import zlib
 from pathlib import Path
 
-from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, RecordDict
 from omegaconf import DictConfig
 
-from . import config, data, models
+from . import config, data, models, protocol
 from .ledger import PrivacyLedger
 from .privacy import (
     STATE_KEY,
@@ -47,8 +45,6 @@ from .privacy import (
 from .train import device, train_round
 
 log = logging.getLogger(f"flwr.{__name__}")  # under Flower's logger: shown by `flwr run --stream`
-
-ARRAYS, METRICS, STATUS = "arrays", "metrics", "status"
 
 # A kept ClientApp process (simulation workers, or any long-lived process) builds its base model and
 # tokenizes its data once per config, not every round. The model's adapter is overwritten from the global
@@ -188,11 +184,6 @@ def owner_limits(cfg: DictConfig, node_config: dict) -> None:
                               "allow-non-private=true")
 
 
-def refusal(account: PrivacyAccount, reason: str) -> RecordDict:
-    return RecordDict({METRICS: MetricRecord(account.metrics()),
-                       STATUS: ConfigRecord({"refused": reason})})
-
-
 def train(cfg: DictConfig, arrays: ArrayRecord, state: RecordDict, *, node_config: dict, server_round: int,
           run_key: str = "", proximal_mu: float = 0.0) -> RecordDict:
     """Train one round on this owner's data; update `state` (the privacy account) and the ledger.
@@ -227,7 +218,7 @@ def train(cfg: DictConfig, arrays: ArrayRecord, state: RecordDict, *, node_confi
     except BudgetExhausted as refused:
         log.warning("%s, round %d: %s", owner, server_round, refused)
         state.config_records[STATE_KEY] = account.to_record()
-        return refusal(account, str(refused))
+        return protocol.refusal(account.metrics(), str(refused))
     seed = zlib.crc32(f"{cfg.seed}/{server_round}/{owner}".encode())  # dropout; DP noise uses OS entropy
     result = train_round(model, train_set, cfg, account, seed=seed, steps=next_steps, proximal_mu=proximal_mu)
     state.config_records[STATE_KEY] = account.to_record()  # survives until this owner's next round
@@ -236,5 +227,4 @@ def train(cfg: DictConfig, arrays: ArrayRecord, state: RecordDict, *, node_confi
     eps = account.epsilon()
     log.info("%s, round %d: %d steps in %.1fs, epsilon %s", owner, server_round, result["steps"],
              result["seconds"], "n/a (no DP)" if eps is None else f"{eps:.3f}")
-    return RecordDict({ARRAYS: models.to_arrays(model),
-                       METRICS: MetricRecord(account.metrics())})
+    return protocol.reply(models.to_arrays(model), account.metrics())

@@ -2,12 +2,14 @@
 
 The ServerApp and every ClientApp call `compose(overrides)` with the same Hydra override string (the Flower
 run config's `overrides`), so `conf/` is the single source of truth. Any mistake fails here, before training,
-with a `ConfigError` that names the key.
+with a `ConfigError` that names the key: keys, types and choices against the schema (dplora/schema.py), then
+the ranges and the rules that span keys below.
 """
 
 from __future__ import annotations
 
 import importlib
+import operator
 import shlex
 from pathlib import Path
 
@@ -17,19 +19,11 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf
 
 from .data import FORMATS
-from .privacy import GRAD_SAMPLE_MODES
+from .schema import TRANSPORT_DTYPES, USER_DP_STRATEGIES, ConfigError, check
+
+__all__ = ["CONF_DIR", "TRANSPORT_DTYPES", "ConfigError", "compose", "to_dict", "validate"]
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-
-TASKS = ("classification", "causal_lm")
-ACCOUNTANTS = ("prv", "rdp")
-SOURCES = ("synthetic", "local", "hub")
-TRANSPORT_DTYPES = ("fp32", "fp16", "int8")  # the adapter on the wire, owner to server (dplora/transport.py)
-USER_DP_STRATEGIES = ("fedavg", "fedprox")  # Flower's fixed-clipping accounting needs FedAvg.aggregate_train
-
-
-class ConfigError(ValueError):
-    """A configuration value is missing or invalid; the message names the key."""
 
 
 def _package_model(package: str) -> str:
@@ -56,7 +50,7 @@ def compose(overrides: str | list[str] = "") -> DictConfig:
     items = shlex.split(overrides) if isinstance(overrides, str) else list(overrides)
     if not CONF_DIR.is_dir():
         raise ConfigError(f"config folder {CONF_DIR} not found")
-    # Composition must not disturb a Hydra app that is already running (e.g. scripts/sweep.py).
+    # Composition must not disturb a Hydra app that is already running (e.g. experiments/sweep.py).
     outer = GlobalHydra.instance().hydra if GlobalHydra.instance().is_initialized() else None
     if outer is not None:
         GlobalHydra.instance().clear()
@@ -76,170 +70,111 @@ def compose(overrides: str | list[str] = "") -> DictConfig:
     return cfg
 
 
-def _number(cfg: DictConfig, key: str, *, kind=float, low=None, high=None, low_open=False,
-            high_open=False, nullable=False):
-    value = OmegaConf.select(cfg, key, throw_on_missing=False)
-    if OmegaConf.is_missing(cfg, key):
-        raise ConfigError(f"{key} is required (set it with {key}=...)")
-    if value is None:
-        if nullable:
-            return None
-        raise ConfigError(f"{key} must be set (got null)")
-    ok_type = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if kind is int:
-        ok_type = ok_type and float(value).is_integer()
-    if not ok_type:
-        raise ConfigError(f"{key} must be {'an integer' if kind is int else 'a number'} (got {value!r})")
-    if low is not None and (value <= low if low_open else value < low):
-        raise ConfigError(f"{key} must be {'>' if low_open else '>='} {low} (got {value})")
-    if high is not None and (value >= high if high_open else value > high):
-        raise ConfigError(f"{key} must be {'<' if high_open else '<='} {high} (got {value})")
-    return value
+# Ranges, for the keys that are set: "> 0" or "> 0, <= 1" (the schema has checked that each is a number).
+RANGES = {
+    "num_rounds": ">= 1", "seed": ">= 0",
+    "train.local_epochs": ">= 1", "train.batch_size": ">= 1", "train.sample_rate": "> 0, <= 1",
+    "train.micro_batch_size": ">= 1", "train.learning_rate": "> 0", "train.weight_decay": ">= 0",
+    "train.momentum": ">= 0, < 1", "eval.batch_size": ">= 1",
+    # Above 100 a guarantee is vacuous (and noise calibration degenerates): train with privacy=none instead.
+    "privacy.target_epsilon": "> 0, <= 100", "privacy.delta": "> 0, < 1", "privacy.max_grad_norm": "> 0",
+    "model.max_length": ">= 8", "model.lora.r": ">= 1", "model.lora.alpha": "> 0", "model.lora.dropout": ">= 0, < 1",
+    "dataset.validation_fraction": ">= 0, < 1", "dataset.max_train": ">= 1", "dataset.num_train": ">= 1",
+    "dataset.num_test": ">= 1", "partitioner.alpha": "> 0", "partitioner.min_partition_size": ">= 0",
+    "strategy.fraction_train": "> 0, <= 1", "strategy.min_clients": ">= 1", "strategy.round_timeout": "> 0",
+    "strategy.max_update_norm": "> 0", "strategy.user_dp.clipping_norm": "> 0",
+    "strategy.user_dp.owners_per_round": ">= 1", "strategy.user_dp.delta": "> 0, < 1",
+    "strategy.user_dp.noise_multiplier": "> 0", "strategy.user_dp.target_epsilon": "> 0",
+}
+COMPARE = {">": operator.gt, ">=": operator.ge, "<": operator.lt, "<=": operator.le}
+# Keys that some settings need: the key, the settings that need it (key=value, all of them), what it is.
+NEEDED = {
+    "strategy.user_dp.owners_per_round": ("strategy.user_dp.enabled=true", "the number of owners sampled each "
+                                          "round (public; the noise is divided by it)"),
+    "strategy.user_dp.target_epsilon": ("strategy.user_dp.enabled=true strategy.user_dp.noise_multiplier=null",
+                                        "the user-level budget over the run that sets the noise"),
+    "model.pooling": ("model.task=classification", "mean or cls"),
+    "model.head_init": ("model.task=classification", "random or descriptions"),
+    "model.architecture": ("model.pretrained=null", "the transformers config of the random-weight model"),
+    "model.tokenizer": ("model.pretrained=null", "a tokenizer folder or Hub id"),
+    "partitioner.alpha": ("partitioner.name=dirichlet", "the Dirichlet concentration (smaller = more skew)"),
+    "partitioner.min_partition_size": ("partitioner.name=dirichlet", "the fewest records an owner may get"),
+    "dataset.path": ("dataset.source=local", "a folder with train.<format> and test.<format>; or set data_dir, "
+                     "a folder with one such folder per dataset"),
+    "dataset.format": ("dataset.source=local", f"the files' extension: {', '.join(FORMATS)}"),
+    "dataset.hub_id": ("dataset.source=hub", "a Hub dataset id"),
+    "dataset.num_train": ("dataset.source=synthetic", "the number of training examples generated"),
+    "dataset.num_test": ("dataset.source=synthetic", "the number of test examples generated"),
+}
+NAME_LISTS = ("model.lora.target_modules", "dataset.text_fields", "dataset.label_names", "dataset.label_descriptions")
 
 
-def _choice(cfg: DictConfig, key: str, choices: tuple[str, ...]) -> str:
-    value = OmegaConf.select(cfg, key)
-    if value not in choices:
-        raise ConfigError(f"{key} must be one of {', '.join(choices)} (got {value!r})")
-    return value
-
-
-def _flag(cfg: DictConfig, key: str) -> bool:
-    value = OmegaConf.select(cfg, key)
-    if not isinstance(value, bool):
-        raise ConfigError(f"{key} must be true or false (got {value!r})")
-    return value
-
-
-def _strings(cfg: DictConfig, key: str) -> list[str]:
-    value = OmegaConf.select(cfg, key)
-    if not OmegaConf.is_list(value) or not value or not all(isinstance(v, str) and v for v in value):
-        raise ConfigError(f"{key} must be a non-empty list of names (got {value!r})")
-    if len(set(value)) != len(value):
-        raise ConfigError(f"{key} has duplicates: {list(value)}")
-    return list(value)
+def _text(value) -> str:
+    """A value as an override writes it (true, null, 0.5)."""
+    return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def validate(cfg: DictConfig) -> None:
-    """Check every value the code relies on; raise ConfigError naming the first bad key."""
-    _number(cfg, "num_rounds", kind=int, low=1)
-    resume = OmegaConf.select(cfg, "resume")
-    if not (isinstance(resume, bool) or (isinstance(resume, str) and resume)):
-        raise ConfigError(f"resume must be true, false or a checkpoint folder (got {resume!r})")
-    _number(cfg, "seed", kind=int, low=0)
-    _number(cfg, "train.local_epochs", kind=int, low=1)
-    if _number(cfg, "train.batch_size", kind=int, low=1, nullable=True) is None and cfg.train.sample_rate is None:
+    """Check the config against the schema (keys, types, choices), then the ranges and the rules that span keys;
+    raise ConfigError naming the first bad key."""
+    check(cfg)
+    for key, spec in RANGES.items():
+        value = OmegaConf.select(cfg, key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):  # null, unset or "auto": no range
+            for bound in spec.split(", "):
+                if not COMPARE[bound.split()[0]](value, float(bound.split()[1])):
+                    raise ConfigError(f"{key} must be {bound} (got {value})")
+    train, evaluation, model, data, strategy = cfg.train, cfg.eval, cfg.model, cfg.dataset, cfg.strategy
+    if not (isinstance(cfg.resume, bool) or (isinstance(cfg.resume, str) and cfg.resume)):
+        raise ConfigError(f"resume must be true, false or a checkpoint folder (got {cfg.resume!r})")
+    if train.batch_size is None and train.sample_rate is None:
         raise ConfigError("train.batch_size=null needs train.sample_rate (the expected batch is then that share "
                           "of each owner's public size)")
-    _number(cfg, "train.sample_rate", low=0, high=1, low_open=True, nullable=True)
-    _number(cfg, "train.micro_batch_size", kind=int, low=1)
-    _number(cfg, "train.learning_rate", low=0, low_open=True)
-    _number(cfg, "train.weight_decay", low=0)
-    _choice(cfg, "train.optimizer", ("adamw", "sgd"))
-    _choice(cfg, "train.lr_schedule", ("constant", "linear"))
-    _number(cfg, "train.momentum", low=0, high=1, high_open=True)
-    _number(cfg, "eval.batch_size", kind=int, low=1)
-    _number(cfg, "dataset.validation_fraction", low=0, high=1, high_open=True)
-    if _choice(cfg, "eval.split", ("test", "validation")) == "validation" and not cfg.dataset.validation_fraction:
+    if evaluation.split == "validation" and not data.validation_fraction:
         raise ConfigError("eval.split=validation needs dataset.validation_fraction > 0 (the share of the training "
                           "split to hold out)")
-    if _flag(cfg, "eval.also_test") and cfg.eval.split == "test":
+    if evaluation.also_test and evaluation.split == "test":
         raise ConfigError("eval.also_test=true only makes sense with eval.split=validation (the test split is "
                           "already the one evaluated)")
-    _number(cfg, "strategy.fraction_train", low=0, high=1, low_open=True)
-    _number(cfg, "strategy.min_clients", kind=int, low=1)
-    _number(cfg, "strategy.round_timeout", low=0, low_open=True)
-    target = OmegaConf.select(cfg, "strategy.aggregator._target_")
+    target = strategy.aggregator.get("_target_")
     if not isinstance(target, str) or not target.startswith("flwr.serverapp.strategy."):
         raise ConfigError(f"strategy.aggregator._target_ must name one of Flower's strategies in "
                           f"flwr.serverapp.strategy (got {target!r}); pick one with strategy=<name> (conf/strategy/)")
-    if OmegaConf.select(cfg, "strategy.max_update_norm") not in ("auto", None):
-        _number(cfg, "strategy.max_update_norm", low=0, low_open=True)
-    _choice(cfg, "strategy.update_norm_action", ("clip", "reject"))
-    if OmegaConf.select(cfg, "strategy.user_dp.enabled"):
-        if cfg.strategy.name not in USER_DP_STRATEGIES:
-            raise ConfigError(f"strategy.user_dp needs one of {', '.join(USER_DP_STRATEGIES)}: Flower's DP "
-                              f"wrappers calibrate their noise for FedAvg's mean (got strategy={cfg.strategy.name})")
-        _choice(cfg, "strategy.user_dp.side", ("server", "client"))
-        _number(cfg, "strategy.user_dp.clipping_norm", low=0, low_open=True)
-        _number(cfg, "strategy.user_dp.owners_per_round", kind=int, low=1)
-        _number(cfg, "strategy.user_dp.delta", low=0, high=1, low_open=True, high_open=True)
-        if _number(cfg, "strategy.user_dp.noise_multiplier", low=0, low_open=True, nullable=True) is None:
-            _number(cfg, "strategy.user_dp.target_epsilon", low=0, low_open=True)
-    _number(cfg, "sweep.num_supernodes", kind=int, low=1)
-
-    # Above 100 a guarantee is vacuous (and noise calibration degenerates): train with privacy=none instead.
-    _number(cfg, "privacy.target_epsilon", low=0, high=100, low_open=True, nullable=True)
-    _number(cfg, "privacy.delta", low=0, high=1, low_open=True, high_open=True)
-    _number(cfg, "privacy.max_grad_norm", low=0, low_open=True)
-    _choice(cfg, "privacy.accountant", ACCOUNTANTS)
-    _choice(cfg, "privacy.grad_sample_mode", GRAD_SAMPLE_MODES)
-
-    head_init = OmegaConf.select(cfg, "model.head_init", default="random")
-    if _choice(cfg, "model.task", TASKS) == "classification":
-        _choice(cfg, "model.pooling", ("mean", "cls"))
-        if _choice(cfg, "model.head_init", ("random", "descriptions")) == "descriptions" and cfg.model.pooling != "mean":
-            raise ConfigError("model.head_init=descriptions needs model.pooling=mean (the head is set from "
-                              "mean-pooled embeddings of dataset.label_descriptions): with model.pooling=cls "
-                              "set model.head_init=random")
-    elif head_init != "random":
-        raise ConfigError(f"model.head_init={head_init} is for classification models; a causal LM has no head "
-                          "(its answers are the label names)")
-    if cfg.model.pretrained is None and not cfg.model.architecture:
-        raise ConfigError("model.architecture is required when model.pretrained is null (random weights)")
-    if cfg.model.pretrained is None and cfg.model.tokenizer is None:
-        raise ConfigError("model.tokenizer is required when model.pretrained is null")
-    _number(cfg, "model.max_length", kind=int, low=8)
-    _number(cfg, "model.lora.r", kind=int, low=1)
-    _number(cfg, "model.lora.alpha", low=0, low_open=True)
-    _number(cfg, "model.lora.dropout", low=0, high=1, high_open=True)
-    _strings(cfg, "model.lora.target_modules")
-    _flag(cfg, "model.lora.train_a")
-    _choice(cfg, "transport.dtype", TRANSPORT_DTYPES)
-
-    if _choice(cfg, "partitioner.name", ("iid", "dirichlet")) == "dirichlet":
-        _number(cfg, "partitioner.alpha", low=0, low_open=True)
-        _number(cfg, "partitioner.min_partition_size", kind=int, low=0)
-    source = _choice(cfg, "dataset.source", SOURCES)
-    if source == "local":
-        if not OmegaConf.select(cfg, "dataset.path", throw_on_missing=False):
-            raise ConfigError(f"dataset.path is required for dataset={cfg.dataset.name} "
-                              f"(a folder with train.<format> and test.<format>; or set data_dir, "
-                              f"a folder with one such folder per dataset)")
-        _choice(cfg, "dataset.format", FORMATS)
-    if source == "hub":
-        if not isinstance(OmegaConf.select(cfg, "dataset.hub_id"), str):
-            raise ConfigError(f"dataset.hub_id is required for dataset={cfg.dataset.name} (a Hub dataset id)")
-        splits = OmegaConf.select(cfg, "dataset.hub_splits")
-        if OmegaConf.select(cfg, "dataset.hub_recipe"):
-            from .hub_data import RECIPES
-            _choice(cfg, "dataset.hub_recipe", tuple(RECIPES))
-        elif not OmegaConf.is_dict(splits) or not {"train", "test"} <= set(splits):
-            raise ConfigError("dataset.hub_splits must map train and test to Hub split names "
-                              f"(got {splits!r})")
-    if OmegaConf.select(cfg, "dataset.max_train") is not None:
-        _number(cfg, "dataset.max_train", kind=int, low=1)
-    label_map = OmegaConf.select(cfg, "dataset.label_map")
-    if label_map is not None and not OmegaConf.is_dict(label_map):
-        raise ConfigError(f"dataset.label_map must map raw label values to label names (got {label_map!r})")
-    if source == "synthetic":
-        _number(cfg, "dataset.num_train", kind=int, low=1)
-        _number(cfg, "dataset.num_test", kind=int, low=1)
-    labels = _strings(cfg, "dataset.label_names")
-    if len(labels) < 2:
-        raise ConfigError(f"dataset.label_names needs at least two labels (got {labels})")
-    if OmegaConf.select(cfg, "dataset.label_descriptions") is not None:
-        descriptions = _strings(cfg, "dataset.label_descriptions")
-        if len(descriptions) != len(labels):
-            raise ConfigError(f"dataset.label_descriptions needs one text per label in dataset.label_names "
-                              f"{labels} (got {len(descriptions)})")
-    _strings(cfg, "dataset.text_fields")
-    if not isinstance(cfg.dataset.label_field, str):
-        raise ConfigError(f"dataset.label_field must be a field name (got {cfg.dataset.label_field!r})")
+    norm = strategy.max_update_norm
+    if not (norm in ("auto", None) or (isinstance(norm, (int, float)) and not isinstance(norm, bool))):
+        raise ConfigError(f"strategy.max_update_norm must be a number, auto or null (got {norm!r})")
+    if strategy.user_dp.enabled and strategy.name not in USER_DP_STRATEGIES:
+        raise ConfigError(f"strategy.user_dp needs one of {', '.join(USER_DP_STRATEGIES)}: Flower's DP wrappers "
+                          f"calibrate their noise for FedAvg's mean (got strategy={strategy.name})")
+    for key, (when, what) in NEEDED.items():
+        if (all(_text(OmegaConf.select(cfg, k)) == v for k, v in (c.split("=") for c in when.split()))
+                and OmegaConf.select(cfg, key) in (None, "", {})):
+            raise ConfigError(f"{key} is required with {when}: {what}")
+    if model.task == "classification" and model.head_init == "descriptions" and model.pooling != "mean":
+        raise ConfigError("model.head_init=descriptions needs model.pooling=mean (the head is set from mean-pooled "
+                          "embeddings of dataset.label_descriptions): with model.pooling=cls set "
+                          "model.head_init=random")
+    if model.task != "classification" and model.get("head_init", "random") != "random":
+        raise ConfigError(f"model.head_init={model.head_init} is for classification models; a causal LM has no "
+                          "head (its answers are the label names)")
+    splits = data.get("hub_splits")
+    if data.source == "hub" and not data.get("hub_recipe") and not (splits and {"train", "test"} <= set(splits)):
+        raise ConfigError(f"dataset.hub_splits must map train and test to Hub split names (got {splits!r})")
+    for key in NAME_LISTS:
+        names = OmegaConf.select(cfg, key)
+        if names is not None and (not names or not all(names)):
+            raise ConfigError(f"{key} must be a non-empty list of names (got {list(names)})")
+        if names is not None and len(set(names)) != len(names):
+            raise ConfigError(f"{key} has duplicates: {list(names)}")
+    if len(data.label_names) < 2:
+        raise ConfigError(f"dataset.label_names needs at least two labels (got {list(data.label_names)})")
+    if data.label_descriptions is not None and len(data.label_descriptions) != len(data.label_names):
+        raise ConfigError(f"dataset.label_descriptions needs one text per label in dataset.label_names "
+                          f"{list(data.label_names)} (got {len(data.label_descriptions)})")
     try:
-        cfg.dataset.prompt.format(**{f: "" for f in cfg.dataset.text_fields})
+        data.prompt.format(**{name: "" for name in data.text_fields})
     except (KeyError, IndexError, ValueError) as err:
-        raise ConfigError(f"dataset.prompt may only use the fields {list(cfg.dataset.text_fields)} "
+        raise ConfigError(f"dataset.prompt may only use the fields {list(data.text_fields)} "
                           f"as {{field}} placeholders ({err!r})") from err
 
 

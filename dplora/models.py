@@ -31,6 +31,8 @@ from transformers import (
 from transformers.modeling_outputs import SequenceClassifierOutput
 from transformers.utils import logging as hf_logging
 
+from .protocol import check_arrays, layout_of
+
 hf_logging.set_verbosity_error()  # the "newly initialized head" notice is expected: the head trains
 hf_logging.disable_progress_bar()
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -158,23 +160,9 @@ def adapter_state(model: PeftModel) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", torch.float32).clone() for k, v in state.items() if v.data_ptr() in trainable}
 
 
-def check_adapter(state: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> None:
-    """Raise ValueError unless `state` has exactly the reference's keys, shapes and dtype, with finite values."""
-    if set(state) != set(reference):
-        missing, extra = sorted(set(reference) - set(state)), sorted(set(state) - set(reference))
-        raise ValueError(f"adapter keys differ from the model's: missing {missing[:3]}, unexpected {extra[:3]}")
-    for key, ref in reference.items():
-        value = state[key]
-        if value.shape != ref.shape or value.dtype != ref.dtype:
-            raise ValueError(f"adapter tensor {key} is {value.dtype}{list(value.shape)}, "
-                             f"expected {ref.dtype}{list(ref.shape)}")
-        if not torch.isfinite(value).all():
-            raise ValueError(f"adapter tensor {key} has non-finite values")
-
-
 def load_adapter_state(model: PeftModel, state: dict[str, torch.Tensor]) -> None:
     """Load adapter tensors into `model` after checking them against the model's own adapter."""
-    check_adapter(state, adapter_state(model))
+    check_arrays(state, layout_of(adapter_state(model)), "the model's adapter")
     set_peft_model_state_dict(model, state)
 
 

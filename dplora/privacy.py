@@ -32,6 +32,8 @@ from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
 from opacus.validators import ModuleValidator
 from torch.utils.data import Dataset
 
+from .protocol import PRIVACY_KEYS
+
 STATE_KEY = "privacy"  # key of the account's ConfigRecord in context.state
 
 
@@ -215,8 +217,8 @@ class PrivacyAccount:
     def metrics(self) -> dict[str, float]:
         """What a client reports: everything needed to re-derive its epsilon (inf: no DP)."""
         eps = self.epsilon()
-        return {"epsilon": math.inf if eps is None else eps, "noise_multiplier": self.noise_multiplier,
-                "sample_rate": self.sample_rate, "steps": self.steps, "delta": self.delta}
+        return dict(zip(PRIVACY_KEYS, (math.inf if eps is None else eps, self.noise_multiplier, self.sample_rate,
+                                       self.steps, self.delta), strict=True))
 
 
 def mean_backward(losses: torch.Tensor) -> None:

@@ -22,9 +22,9 @@ import torch
 from flwr.app import ArrayRecord, Context, Message
 
 from .config import TRANSPORT_DTYPES
+from .protocol import ARRAYS, CONFIG, TRANSPORT_DTYPE, check_arrays
 
 SCALE = "::scale"  # int8: the key of a tensor's scale is the tensor's key + this
-CONFIG_KEY = "transport-dtype"  # the server's train config names the format the owners send
 INT8_MAX = 127
 
 
@@ -60,18 +60,7 @@ def decode(arrays: ArrayRecord, reference: dict[str, torch.Tensor], dtype: str) 
     """The owner's adapter (fp32) from a reply's arrays in format `dtype`; ValueError unless the arrays are
     exactly that format for this adapter, with finite values."""
     state = arrays.to_torch_state_dict()
-    expected = layout(reference, dtype)
-    if set(state) != set(expected):
-        missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-        raise ValueError(f"adapter arrays differ from the {dtype} format: missing {missing[:3]}, "
-                         f"unexpected {extra[:3]}")
-    for key, (want_dtype, want_shape) in expected.items():
-        value = state[key]
-        if value.dtype != want_dtype or tuple(value.shape) != want_shape:
-            raise ValueError(f"adapter array {key} is {value.dtype}{list(value.shape)}, expected "
-                             f"{want_dtype}{list(want_shape)} ({dtype} format)")
-        if value.is_floating_point() and not torch.isfinite(value).all():
-            raise ValueError(f"adapter array {key} has non-finite values")
+    check_arrays(state, layout(reference, dtype), f"the {dtype} format")
     if dtype == "fp32":
         return {k: state[k] for k in reference}
     if dtype == "fp16":
@@ -96,11 +85,11 @@ def transport_mod(msg: Message, context: Context, call_next) -> Message:
     """ClientApp mod: send the reply's adapter in the format the server's train config names (fp32 if it names
     none). It wraps every other mod, so they see the fp32 adapter; refusals and errors pass unchanged."""
     dtype = "fp32"
-    if "config" in msg.content.config_records:
-        dtype = str(msg.content["config"].get(CONFIG_KEY, "fp32"))
+    if CONFIG in msg.content.config_records:
+        dtype = str(msg.content[CONFIG].get(TRANSPORT_DTYPE, "fp32"))
     reply = call_next(msg, context)
-    if dtype == "fp32" or reply.has_error() or "arrays" not in reply.content.array_records:
+    if dtype == "fp32" or reply.has_error() or ARRAYS not in reply.content.array_records:
         return reply
-    reference = msg.content["arrays"].to_torch_state_dict()
-    reply.content["arrays"] = encode(reply.content["arrays"].to_torch_state_dict(), reference, dtype)
+    reference = msg.content[ARRAYS].to_torch_state_dict()
+    reply.content[ARRAYS] = encode(reply.content[ARRAYS].to_torch_state_dict(), reference, dtype)
     return reply

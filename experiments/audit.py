@@ -15,7 +15,7 @@ bound on the true epsilon at that confidence. A lower bound above the claimed ep
 false; a bound at or below it is consistent with the claim (it does not prove it). The guess counts k are
 fixed before the run, so no choice is made after seeing the outcome.
 
-Two adversaries (scripts/audit.py runs them):
+Two adversaries (experiments/run_audit.py runs them: python scripts/audit.py):
 - white-box, the server: it sees the owner's uploaded adapter. Gradient canaries ("Dirac" canaries: a
   gradient of norm C on one adapter coordinate each, a different coordinate per canary) are records of the
   owner's dataset: in every DP step each included canary joins the Poisson batch with the same probability q

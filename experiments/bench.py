@@ -35,13 +35,10 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
 import torch
 from flwr.app import RecordDict
 
-from dplora import client, config, data, models, simulation, transport
+from dplora import client, config, data, models, transport
 from dplora.config import TRANSPORT_DTYPES
 from dplora.privacy import (
     GRAD_SAMPLE_MODES,
@@ -59,7 +56,9 @@ from dplora.train import (
     train_round,
     trim_padding,
 )
+from experiments import simulation
 
+ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = Path(os.environ.get("DPLORA_SHARED_DATA", ROOT.parent / "shared" / "data"))
 MODES = [m for m in GRAD_SAMPLE_MODES if m != "auto"]
 MODELS = ("minilm", "tiny-llama")
@@ -179,8 +178,8 @@ def memory_child(model_name: str, overrides: str, batch_size: int, steps: int, m
 
 def memory(model_name: str, overrides: str, batch_size: int, steps: int, mode: str) -> dict:
     def child(variant: str) -> dict:
-        out = subprocess.run([sys.executable, __file__, "_memory", model_name, overrides, str(batch_size),
-                              str(steps), variant], capture_output=True, text=True, check=False)
+        out = subprocess.run([sys.executable, "-m", "experiments.bench", "_memory", model_name, overrides,
+                              str(batch_size), str(steps), variant], capture_output=True, text=True, check=False)
         if out.returncode:
             raise RuntimeError(f"memory measurement failed: {out.stderr[-2000:]}")
         return json.loads(out.stdout.strip().splitlines()[-1])
@@ -240,8 +239,8 @@ def plain_loop_child(overrides: str, num_clients: int) -> dict:
 
 
 def plain_loop(overrides: str, num_clients: int) -> dict:
-    out = subprocess.run([sys.executable, __file__, "_plain", overrides, str(num_clients)], capture_output=True,
-                         text=True, check=False, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    out = subprocess.run([sys.executable, "-m", "experiments.bench", "_plain", overrides, str(num_clients)],
+                         capture_output=True, text=True, check=False, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     if out.returncode:
         raise RuntimeError(f"plain loop failed: {out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -478,5 +477,5 @@ def main() -> None:
         sys.exit(f"non-finite or non-positive figures: {bad}")
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # scripts/bench.py; also `python -m experiments.bench _memory|_plain ...` (children)
     main()

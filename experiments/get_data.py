@@ -18,8 +18,6 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 from dplora import hub_data
 from dplora.data import load_hub_split
 
@@ -70,6 +68,3 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[get_data] done: use data_dir={args.out.resolve()}")
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -23,7 +23,7 @@ Node ``i`` (1-based) uses ``CERTS/node<i>`` as its private key, registers
 ``data-path='FILE' privacy-ledger='WORKDIR/ledger-node<i>.json' privacy-budget=EPS``: an owner serving
 its own data refuses every run without a budget (and non-private runs unless ``allow-non-private=true``).
 
-Importable (``scripts/`` is not a package; load this file with importlib)::
+Importable (``from experiments import local_federation``)::
 
     start_federation(certs, data_files, workdir, privacy_budget=EPS) -> dict
     stop_federation(workdir) -> list[int]      # safe to call twice
@@ -521,7 +521,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {name:<12} pid {pid:<8} log {info['logs'][name]}")
         print(f"  node ids: {info['node_ids']}")
         print("\nRun the app against it:\n  " + info["run_command"])
-        print(f"\nStop it:\n  {sys.executable} {Path(__file__).resolve()} stop "
+        print(f"\nStop it:\n  {sys.executable} {APP_DIR / 'scripts' / 'local_federation.py'} stop "
               f"--workdir {shlex.quote(info['workdir'])}")
         return 0
 
@@ -529,6 +529,3 @@ def main(argv: list[str] | None = None) -> int:
     print(f"stopped {len(pids)} process(es)" if pids else "nothing was running")
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

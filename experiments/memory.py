@@ -7,9 +7,10 @@ for many rounds, as a simulation's ClientApp worker does (docs/PERFORMANCE.md, "
     python scripts/memory.py --out memory.json --rounds 30 -- dataset=sst2 dataset.max_train=2000
 
 In-process (default): each round, every owner trains through `dplora.client.train` (the function the ClientApp
-calls, with its process-wide model and data cache), the server's OwnerGuard screens and averages the replies,
-and the global adapter is evaluated, all in this one process. The peak resident set (VmHWM, reset at the
-start of each round) is recorded per round, with the live Python objects' count.
+calls, with its process-wide model and data cache), the server's strategy (server_app.strategy.build_strategy)
+screens and averages the replies, and the global adapter is evaluated, all in this one process. The peak
+resident set (VmHWM, reset at the start of each round) is recorded per round, with the live Python objects'
+count.
 
 --flower: a real `flwr run` simulation on a local SuperLink; the resident memory of its ClientApp worker
 processes (Ray's ClientAppActor) is sampled every 0.2 s and each sample is counted in the round that
@@ -24,23 +25,22 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
+from omegaconf import OmegaConf
 
-from dplora import client, config, data, models, simulation
+from dplora import client, config, data, models
 from dplora.results import RunRecorder
 from dplora.train import device, evaluate
-from server_app.strategy import OwnerGuard, build_strategy
+from experiments import simulation
+from server_app.strategy import build_strategy
 
+ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
 
@@ -139,8 +139,8 @@ def in_process_curve(cfg, owners: int, rounds: int, out: Path) -> list[dict]:
     model, tokenizer = models.build_model(cfg, device())
     sets, labels = data.test_sets(cfg, tokenizer)
     arrays = models.to_arrays(model)
-    guard = OwnerGuard(build_strategy(cfg), RunRecorder(out.with_suffix(".run"), {}, rounds, "k"),
-                       arrays, privacy=cfg.privacy, min_clients=1, max_update_norm=cfg.strategy.max_update_norm)
+    recorder = RunRecorder(out.with_suffix(".run"), {}, rounds, "k")
+    guard = build_strategy(OmegaConf.merge(cfg, {"strategy": {"min_clients": 1}}), recorder, arrays)
     for attribute in ("_run_id", "_task_id", "_node_id"):  # Messages made outside a Flower process need these
         setattr(TaskIdentity, attribute, 1)
     states = [RecordDict() for _ in range(owners)]
@@ -160,7 +160,7 @@ def in_process_curve(cfg, owners: int, rounds: int, out: Path) -> list[dict]:
         arrays = aggregated if aggregated is not None else arrays
         models.from_arrays(model, arrays)
         accuracy = evaluate(model, sets, labels, cfg)["accuracy"]
-        guard.recorder.record_round(server_round, {"accuracy": accuracy, "loss": None, "macro_f1": None})
+        recorder.record_round(server_round, {"accuracy": accuracy, "loss": None, "macro_f1": None})
         rows.append({"round": server_round, "peak_mb": rss_mb("VmHWM"), "end_mb": rss_mb("VmRSS"),
                      "objects": len(gc.get_objects()), "accuracy": accuracy, "seconds": time.time() - start})
         print(f"[memory] round {server_round}/{rounds}: peak {rows[-1]['peak_mb']:.0f} MB, after "
@@ -168,6 +168,3 @@ def in_process_curve(cfg, owners: int, rounds: int, out: Path) -> list[dict]:
               f"{rows[-1]['seconds']:.0f}s", flush=True)
     return rows
 
-
-if __name__ == "__main__":
-    sys.exit(main())

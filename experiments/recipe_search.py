@@ -43,10 +43,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-from stages import DATA, ROOT, final, sweep
+from experiments.stages import DATA, ROOT, final, sweep
 
 # recipe=plain: every training key comes from here and the settings below, not from the defaults' recipe.
 COMMON = ["model=minilm", "recipe=plain", "sweep.num_supernodes=5", f"data_dir={DATA}", "partitioner=iid",
@@ -243,6 +242,3 @@ def main() -> int:
         search(args.out.resolve(), name)
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -294,6 +294,3 @@ def main(argv: list[str] | None = None) -> int:
           + (f"; {len(failed)} failed" if failed else ""))
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -4,7 +4,7 @@
 
 Each audit trains one data owner with the product's own DP-SGD (PrivacyAccount.plan calibrates the noise for
 the claimed epsilon; dplora.train.train_round runs Opacus' clipping, noise and accountant) with m canaries
-each put into its data with probability 1/2, then guesses which canaries were in (dplora/audit.py explains the
+each put into its data with probability 1/2, then guesses which canaries were in (experiments/audit.py explains the
 bound). Mechanisms: `calibrated` (as shipped), `no-noise` (clipping only, no claim), `broken` (the noise
 multiplier divided by 10 while still claiming the epsilon). Adversaries: `white-box` (the server, which sees
 the owner's update: gradient canaries) and `black-box` (the final global model of a two-owner FedAvg run:
@@ -20,18 +20,16 @@ exceeds its claim.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from dplora import audit, config, data, models
+from dplora import config, data, models
 from dplora.privacy import PrivacyAccount, steps_per_round
 from dplora.results import write_json
 from dplora.train import sequence_losses, train_round, trim_padding
+from experiments import audit
 
 CONFIDENCE = 0.95
 DELTA = 1e-5
@@ -210,6 +208,3 @@ def main(argv: list[str] | None = None) -> int:
     refuted = [a for a in audits if a["mechanism"] == "calibrated" and a["epsilon_lower_bound"] > a["claimed_epsilon"]]
     return 1 if refuted else 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

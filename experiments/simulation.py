@@ -1,4 +1,5 @@
-"""Run the app as users do, `flwr run .` on a local simulation SuperLink, from Python (sweeps and tests).
+"""Run the app as users do, `flwr run .` on a local simulation SuperLink, from Python (sweeps, benchmarks
+and tests).
 
 `local_superlink()` starts a SuperLink whose PID we know and always stops it (with everything it started);
 `flwr_run()` runs one simulation, streams its per-round summary lines, and judges the run by its
@@ -19,7 +20,7 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from . import config
+from dplora import config
 
 ROOT = Path(__file__).resolve().parent.parent
 # The local SuperLink serves its Control, Runtime and Fleet APIs on one HTTP port: Flower's own local one is
@@ -130,10 +131,12 @@ def _stat(pid: int) -> list[str]:
         return []
 
 
-def finished_run(output_dir: Path, overrides: str) -> dict | None:
+def finished_run(output_dir: Path, overrides: str, num_supernodes: int | None = None) -> dict | None:
     """The metrics.json of a run that already finished in `output_dir` (every round, not marked FAILED) with
-    exactly the config `overrides` compose to; None otherwise. A sweep run again into the same folder skips
-    such jobs, so an interrupted grid continues with the job it was in."""
+    exactly the config `overrides` compose to and, if `num_supernodes` is given, that many simulated owners
+    (as the sweep recorded it: sweep.json, or the `sweep` key of the config in records from before the sweep
+    settings left conf/); None otherwise. A sweep run again into the same folder skips such jobs, so an
+    interrupted grid continues with the job it was in."""
     path = output_dir / "metrics.json"
     if not path.is_file() or (output_dir / "FAILED").exists():
         return None
@@ -142,9 +145,38 @@ def finished_run(output_dir: Path, overrides: str) -> dict | None:
     except (OSError, ValueError):
         return None
     wanted = json.loads(json.dumps(config.to_dict(config.compose(overrides))))  # as metrics.json holds it
-    if not isinstance(metrics, dict) or metrics.get("config") != wanted:
+    if not isinstance(metrics, dict) or not isinstance(metrics.get("config"), dict):
+        return None
+    if _comparable(metrics["config"]) != _comparable(wanted):
+        return None
+    if num_supernodes is not None and _owners(output_dir, metrics["config"]) != num_supernodes:
         return None
     return metrics if len(metrics.get("rounds") or []) == wanted["num_rounds"] else None
+
+
+def _comparable(cfg: dict) -> dict:
+    """A run's config as finished_run compares it. Records from before the sweep settings left conf/ hold a
+    `sweep` key (the owner count: the sweep's own setting now, compared apart) and, with user-level DP off,
+    `strategy.user_dp.owners_per_round` set to that owner count (now null unless user-level DP is on, and
+    unused while it is off): neither is compared."""
+    cfg = {key: value for key, value in cfg.items() if key != "sweep"}
+    strategy = cfg.get("strategy")
+    user_dp = strategy.get("user_dp") if isinstance(strategy, dict) else None
+    if isinstance(user_dp, dict) and not user_dp.get("enabled"):
+        user_dp = {key: value for key, value in user_dp.items() if key != "owners_per_round"}
+        cfg["strategy"] = {**strategy, "user_dp": user_dp}
+    return cfg
+
+
+def _owners(output_dir: Path, recorded: dict) -> int | None:
+    """The simulated owners of the run in `output_dir`: sweep.json, written by the sweep once the run finished,
+    or an older record's config key `sweep.num_supernodes`; None if neither says."""
+    try:
+        return int(json.loads((output_dir / "sweep.json").read_text())["num_supernodes"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    sweep = recorded.get("sweep")
+    return sweep.get("num_supernodes") if isinstance(sweep, dict) else None
 
 
 def flwr_run(overrides: str, output_dir: Path, num_supernodes: int, env: dict[str, str],

@@ -1,4 +1,4 @@
-"""Resumable experiment stages for the scripts behind docs/RESULTS.md (strategies.py, recipe_search.py).
+"""Resumable experiment stages for the experiments behind docs/RESULTS.md (strategies.py, recipe_search.py).
 
 A stage is one scripts/sweep.py multirun (full `flwr run` simulations) into its own folder; a finished stage is
 marked `stage.done` and skipped when the script runs again, so an interrupted script continues where it stopped.

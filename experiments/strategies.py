@@ -27,8 +27,8 @@ import statistics
 import sys
 from pathlib import Path
 
-from stages import DATA, final
-from stages import sweep as run_stage
+from experiments.stages import DATA, final
+from experiments.stages import sweep as run_stage
 
 # recipe=plain and the random head: the settings below are all there is (the defaults' recipe is not applied).
 COMMON = ["model=minilm", "recipe=plain", "model.head_init=random", "num_rounds=3", "sweep.num_supernodes=5",
@@ -97,6 +97,7 @@ def user_level(out: Path) -> dict:
     clip = round(statistics.median(c["update_norm"] for r in tuned["rounds"] for c in r["clients"]), 4)
     folder = out / "test" / "fedavg-epsilon8-userlevel8"
     sweep(folder, [ARMS["epsilon 8"], "strategy=fedavg", "strategy.user_dp.enabled=true",
+                   "strategy.user_dp.owners_per_round=5",
                    f"strategy.user_dp.clipping_norm={clip}", "strategy.user_dp.target_epsilon=8", "seed=0,1,2"])
     acc = final(folder)
     users = [json.loads(p.read_text())["rounds"][-1]["user_level"] for p in sorted(folder.rglob("metrics.json"))]
@@ -106,6 +107,3 @@ def user_level(out: Path) -> dict:
             "validation_tried": [], "seeds": len(acc), "accuracy": acc, "mean": statistics.mean(acc),
             "std": statistics.stdev(acc)}
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from functools import cache
 
 import dp_accounting
@@ -119,6 +118,3 @@ def main(argv: list[str] | None = None) -> int:
     bad += [r for r in user_rows if not r["ok"]]
     return 1 if bad else 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -16,17 +16,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from pathlib import Path
-
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 import torch
 
 from dplora import config, data, models
 from dplora.train import evaluate
 
+ROOT = Path(__file__).resolve().parent.parent
 DATA = Path(os.environ.get("DPLORA_SHARED_DATA", ROOT.parent / "shared" / "data"))
 CANDIDATES = {
     "fpb": [
@@ -83,6 +80,3 @@ def main() -> int:
     args.out.write_text(json.dumps(report, indent=2))
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,5 +1,4 @@
-"""ServerApp: compose the config, build (or resume) the adapter, run the configured Flower strategy inside the
-project's OwnerGuard, write results."""
+"""ServerApp: compose the config, build (or resume) the adapter and the strategy, start it, save what it returns."""
 
 from __future__ import annotations
 
@@ -10,10 +9,11 @@ from pathlib import Path
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
-from dplora import config, data, models, transport
-from dplora.results import RunRecorder, load_checkpoint, replace_checkpoint, save_optimizer_state
+from dplora import checkpoint, config, data, models
+from dplora.protocol import RUN_KEY, TRANSPORT_DTYPE
+from dplora.results import RunRecorder
 from dplora.train import device, evaluate
-from server_app.strategy import OwnerGuard, build_strategy
+from server_app.strategy import build_strategy
 
 log = logging.getLogger("flwr.dplora.server")
 
@@ -36,48 +36,47 @@ def main(grid: Grid, context: Context) -> None:
              trainable, total, 100 * trainable / total, cfg.eval.split, len(test_labels))
     # A run key names this experiment in every owner's privacy ledger; a resumed run keeps it, so each
     # owner continues its account instead of starting a new one.
-    run_key, done, previous, checkpoint = secrets.token_hex(8), 0, None, None
+    run_key, done, previous, resumed = secrets.token_hex(8), 0, None, None
     if cfg.resume:
-        checkpoint = load_checkpoint(cfg.resume, out_dir, config.to_dict(cfg))
-        models.load_adapter_state(model, checkpoint.adapter)
-        run_key, done, previous = checkpoint.run_key, checkpoint.round, checkpoint.metrics
+        resumed = checkpoint.load_checkpoint(cfg.resume, out_dir, config.to_dict(cfg))
+        models.load_adapter_state(model, resumed.adapter)
+        run_key, done, previous = resumed.run_key, resumed.round, resumed.metrics
         log.info("resuming run %s after round %d of %d", run_key, done, cfg.num_rounds)
     recorder = RunRecorder(out_dir, config.to_dict(cfg), cfg.num_rounds, run_key, previous)
     recorder.data["evaluation_split"] = {  # public facts of the split the server scores (plots draw the majority)
         "split": cfg.eval.split, "examples": len(test_labels),
         "majority_class": float(test_labels.bincount().max()) / len(test_labels)}
-    latest = {"arrays": models.to_arrays(model)}
+    initial = models.to_arrays(model)
+    strategy = build_strategy(cfg, recorder, initial, round_offset=done)
+    if resumed is not None and resumed.server_optimizer is not None:
+        checkpoint.load_optimizer_state(strategy, resumed.server_optimizer, initial.to_torch_state_dict())
+        log.info("restored the server optimizer's state after round %d (%d tensors)", done,
+                 len(resumed.server_optimizer))
+    elif resumed is not None and checkpoint.has_optimizer_state(strategy):
+        log.warning("the checkpoint holds no server-optimizer state for round %d: %s starts its optimizer afresh",
+                    done, cfg.strategy.name)
 
     def evaluate_global(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        """Score the global adapter, record the round, and checkpoint it (a crash loses at most one round)."""
         server_round += done
-        latest["arrays"] = arrays
         models.from_arrays(model, arrays)
         metrics = evaluate(model, test_sets, test_labels, cfg)
         if also_test:
             metrics |= {f"test_{k}": v for k, v in evaluate(model, *also_test, cfg).items()}
         if server_round > done or done == 0:  # a resumed run's starting point is already recorded
             recorder.record_round(server_round, metrics)
-        if server_round > done:  # the latest round's adapter, so that a crash loses at most one round
-            state = strategy.optimizer_state() if strategy.has_optimizer_state() else None  # FedAvgM's momentum...
+        if server_round > done:
+            state = checkpoint.optimizer_state(strategy) if checkpoint.has_optimizer_state(strategy) else None
             save_adapter(model, out_dir / "checkpoint", {"round": server_round, "run_key": run_key}, state)
         return MetricRecord(metrics)
 
-    strategy = OwnerGuard(build_strategy(cfg), recorder, latest["arrays"], privacy=cfg.privacy,
-                          min_clients=cfg.strategy.min_clients, round_offset=done, timeout=cfg.strategy.round_timeout,
-                          max_update_norm=cfg.strategy.max_update_norm,
-                          update_norm_action=cfg.strategy.update_norm_action, transport_dtype=cfg.transport.dtype)
-    if checkpoint is not None and checkpoint.server_optimizer is not None:
-        strategy.load_optimizer_state(checkpoint.server_optimizer)
-        log.info("restored the server optimizer's state after round %d (%d tensors)", done,
-                 len(checkpoint.server_optimizer))
-    elif checkpoint is not None and strategy.has_optimizer_state():
-        log.warning("the checkpoint holds no server-optimizer state for round %d: %s starts its optimizer afresh",
-                    done, cfg.strategy.name)
+    final = initial
     if done < cfg.num_rounds:
-        strategy.start(grid=grid, initial_arrays=latest["arrays"], num_rounds=cfg.num_rounds - done,
-                       timeout=cfg.strategy.round_timeout, train_config=ConfigRecord({"run-key": run_key, transport.CONFIG_KEY: cfg.transport.dtype}),
-                       evaluate_fn=evaluate_global)
-    models.from_arrays(model, latest["arrays"])
+        result = strategy.start(grid=grid, initial_arrays=initial, num_rounds=cfg.num_rounds - done,
+                                timeout=cfg.strategy.round_timeout, evaluate_fn=evaluate_global,
+                                train_config=ConfigRecord({RUN_KEY: run_key, TRANSPORT_DTYPE: cfg.transport.dtype}))
+        final = result.arrays if len(result.arrays) else initial  # empty: no round changed the adapter
+    models.from_arrays(model, final)
     save_adapter(model, out_dir / "adapter", {"round": cfg.num_rounds, "run_key": run_key})
     log.info("done: metrics in %s, final adapter in %s", recorder.path, out_dir / "adapter")
 
@@ -89,6 +88,6 @@ def save_adapter(model, folder: Path, info: dict, optimizer_state: dict | None =
     def write(tmp: Path) -> None:
         model.save_pretrained(tmp)
         if optimizer_state is not None:
-            save_optimizer_state(tmp, optimizer_state, info["round"])
+            checkpoint.save_optimizer_state(tmp, optimizer_state, info["round"])
 
-    replace_checkpoint(folder, write, info)
+    checkpoint.replace_checkpoint(folder, write, info)

@@ -1,14 +1,11 @@
 """The one-run privacy audit: its bound on known inputs, and a quick audit of the product's DP path."""
 
-import importlib.util
 import math
 
 import pytest
 import torch
 
-from dplora import audit
-
-from .conftest import ROOT
+from experiments import audit, run_audit
 
 
 def _tail(r, q, v):  # P[Binomial(r, q) >= v], summed exactly
@@ -76,17 +73,9 @@ def test_dirac_canaries_take_distinct_coordinates_and_join_steps_at_rate_q():
         audit.DiracCanaries(params, 23, clip=1.0, sample_rate=0.1, generator=torch.Generator())
 
 
-def _script():
-    spec = importlib.util.spec_from_file_location("audit_script", ROOT / "scripts" / "audit.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_quick_audit_flags_a_broken_mechanism_and_passes_the_calibrated_one():
-    script = _script()
-    calibrated = script.white_box(1.0, "calibrated", m=1000, k=100, seed=0)
-    broken = script.white_box(1.0, "broken", m=1000, k=100, seed=1)
+    calibrated = run_audit.white_box(1.0, "calibrated", m=1000, k=100, seed=0)
+    broken = run_audit.white_box(1.0, "broken", m=1000, k=100, seed=1)
     assert calibrated["epsilon_lower_bound"] <= 1.0 < broken["epsilon_lower_bound"]
     assert broken["noise_multiplier"] == pytest.approx(calibrated["noise_multiplier"] / 10)
     assert calibrated["steps"] == 50 and calibrated["guesses"] == 200

@@ -8,7 +8,7 @@ import os
 import torch
 from safetensors.torch import load_file, save_file
 
-from dplora.simulation import flwr_run, local_superlink
+from experiments.simulation import flwr_run, local_superlink
 
 from .conftest import ROOT
 

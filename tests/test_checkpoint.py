@@ -8,7 +8,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 
 from dplora import config, models
-from dplora.results import ResumeError, latest_checkpoint, load_checkpoint, optimizer_file
+from dplora.checkpoint import ResumeError, latest_checkpoint, load_checkpoint, optimizer_file
 from server_app.app import save_adapter
 
 
@@ -55,7 +55,7 @@ def test_a_crash_while_writing_the_next_checkpoint_leaves_the_previous_one(run, 
     def crash(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr("server_app.app.save_optimizer_state", crash)  # after the adapter, before round.json
+    monkeypatch.setattr("dplora.checkpoint.save_optimizer_state", crash)  # after the adapter, before round.json
     with pytest.raises(OSError, match="disk full"):
         save(2)
     assert (out / "checkpoint.tmp" / "adapter_model.safetensors").is_file()  # round 2's adapter, incomplete

@@ -6,7 +6,7 @@ import math
 import pytest
 from flwr.app import RecordDict
 
-from dplora import client, config, data, models, privacy
+from dplora import client, config, data, models, privacy, protocol
 from dplora.ledger import LedgerError, PrivacyLedger
 from dplora.privacy import PrivacyAccount
 
@@ -31,14 +31,14 @@ def test_owner_trains_on_its_own_data_file_at_a_public_sample_rate(tiny_cfg, tmp
     model, _ = models.build_model(tiny_cfg)
     owner = _owner(tmp_path, public_size := 32) | {"public-num-examples": public_size}
     reply = client.train(tiny_cfg, models.to_arrays(model), RecordDict(), node_config=owner, server_round=1)
-    assert "num-examples" not in reply[client.METRICS]  # the exact record count never leaves the owner
+    assert "num-examples" not in reply[protocol.METRICS]  # the exact record count never leaves the owner
     q = tiny_cfg.train.batch_size / public_size  # from the size the owner published
-    assert reply[client.METRICS]["sample_rate"] == pytest.approx(q)
-    assert reply[client.METRICS]["steps"] == math.ceil(tiny_cfg.train.local_epochs / q)
+    assert reply[protocol.METRICS]["sample_rate"] == pytest.approx(q)
+    assert reply[protocol.METRICS]["steps"] == math.ceil(tiny_cfg.train.local_epochs / q)
     cfg = config.compose(TINY + " train.sample_rate=0.2")  # or the run sets q for everyone
     reply = client.train(cfg, models.to_arrays(model), RecordDict(), node_config=_owner(tmp_path), server_round=1,
                          run_key="other")
-    assert reply[client.METRICS]["sample_rate"] == 0.2 and reply[client.METRICS]["steps"] == 5
+    assert reply[protocol.METRICS]["sample_rate"] == 0.2 and reply[protocol.METRICS]["steps"] == 5
 
 
 def test_an_owner_without_a_public_sample_rate_is_told_what_to_set(tiny_cfg, tmp_path):
@@ -54,19 +54,19 @@ def test_a_real_owner_trains_only_within_the_limits_it_set(tmp_path):
     owner = _owner(tmp_path)
     del owner["privacy-budget"]
     reply = client.train(dp, arrays, RecordDict(), node_config=owner, server_round=1)
-    assert "privacy-budget" in reply[client.STATUS]["refused"] and client.ARRAYS not in reply
+    assert "privacy-budget" in reply[protocol.STATUS]["refused"] and protocol.ARRAYS not in reply
     plain = config.compose(TINY + " train.sample_rate=0.2 privacy=none")
     reply = client.train(plain, arrays, RecordDict(), node_config=_owner(tmp_path), server_round=1)
-    assert "allow-non-private=true" in reply[client.STATUS]["refused"]
+    assert "allow-non-private=true" in reply[protocol.STATUS]["refused"]
     reply = client.train(plain, arrays, RecordDict(), node_config=_owner(tmp_path, **{"allow-non-private": "true"}),
                          server_round=1, run_key="np")
-    assert client.ARRAYS in reply and math.isinf(reply[client.METRICS]["epsilon"])
+    assert protocol.ARRAYS in reply and math.isinf(reply[protocol.METRICS]["epsilon"])
     # the non-private run has no bound: the ledger's total is now infinite and refuses any further run
     reply = client.train(dp, arrays, RecordDict(), node_config=_owner(tmp_path), server_round=1, run_key="later")
-    assert "above the owner's budget" in reply[client.STATUS]["refused"]
+    assert "above the owner's budget" in reply[protocol.STATUS]["refused"]
     # a simulated owner (partition-id) follows the run's configuration
     reply = client.train(plain, arrays, RecordDict(), node_config=SIM, server_round=1)
-    assert client.ARRAYS in reply
+    assert protocol.ARRAYS in reply
 
 
 @pytest.mark.parametrize("node_config, message", [
@@ -108,18 +108,18 @@ def test_restart_continues_the_account_from_the_ledger(tiny_cfg, tmp_path):
     node = {**SIM, "privacy-ledger": str(tmp_path / "ledger.json")}
     arrays = models.to_arrays(model)
     first = client.train(tiny_cfg, arrays, RecordDict(), node_config=node, server_round=1, run_key="run-a")
-    steps = first[client.METRICS]["steps"]
+    steps = first[protocol.METRICS]["steps"]
     # The ClientApp restarts (a resumed run): empty context.state, same run key.
     second = client.train(tiny_cfg, arrays, RecordDict(), node_config=node, server_round=2, run_key="run-a")
-    assert second[client.METRICS]["steps"] == 2 * steps
-    sigma, q = second[client.METRICS]["noise_multiplier"], second[client.METRICS]["sample_rate"]
-    assert second[client.METRICS]["epsilon"] == pytest.approx(privacy.epsilon(sigma, q, 2 * steps, 1e-5, "prv"))
+    assert second[protocol.METRICS]["steps"] == 2 * steps
+    sigma, q = second[protocol.METRICS]["noise_multiplier"], second[protocol.METRICS]["sample_rate"]
+    assert second[protocol.METRICS]["epsilon"] == pytest.approx(privacy.epsilon(sigma, q, 2 * steps, 1e-5, "prv"))
     # A restarted run that repeats a round this owner already trained is refused, not paid for twice.
     again = client.train(tiny_cfg, arrays, RecordDict(), node_config=node, server_round=2, run_key="run-a")
-    assert "again" in again[client.STATUS]["refused"] and again[client.METRICS]["steps"] == 2 * steps
+    assert "again" in again[protocol.STATUS]["refused"] and again[protocol.METRICS]["steps"] == 2 * steps
     # The planned run is spent: a third round is refused even from a fresh process.
     third = client.train(tiny_cfg, arrays, RecordDict(), node_config=node, server_round=3, run_key="run-a")
-    assert client.STATUS in third.config_records
+    assert protocol.STATUS in third.config_records
     assert json.loads((tmp_path / "ledger.json").read_text())["runs"]["run-a"]["steps"] == 2 * steps
 
 
@@ -133,8 +133,8 @@ def test_exhausted_ledger_refuses_whatever_the_server_asks(tiny_cfg, tmp_path):
     # The owner's total budget leaves room for less than a second such run: a new run (new key) is refused.
     node["privacy-budget"] = 1.1 * spent
     second = client.train(tiny_cfg, arrays, RecordDict(), node_config=node, server_round=1, run_key="run-b")
-    assert "above the owner's budget" in second[client.STATUS]["refused"]
-    assert second[client.METRICS]["steps"] == 0 and client.ARRAYS not in second
+    assert "above the owner's budget" in second[protocol.STATUS]["refused"]
+    assert second[protocol.METRICS]["steps"] == 0 and protocol.ARRAYS not in second
     assert set(json.loads(path.read_text())["runs"]) == {"run-a"}  # nothing was spent
 
 
@@ -155,7 +155,7 @@ def test_ledger_refuses_non_private_training_and_rejects_bad_files(tiny_cfg, tmp
     model, _ = models.build_model(cfg)
     node = {**SIM, "privacy-ledger": str(tmp_path / "ledger.json"), "privacy-budget": 10}
     reply = client.train(cfg, models.to_arrays(model), RecordDict(), node_config=node, server_round=1)
-    assert "non-private" in reply[client.STATUS]["refused"]
+    assert "non-private" in reply[protocol.STATUS]["refused"]
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(LedgerError, match="bad.json"):
         PrivacyLedger(tmp_path / "bad.json")
@@ -172,11 +172,11 @@ def test_fedprox_pull_is_applied_outside_dp_after_every_step(tiny_cfg):
     arrays = models.to_arrays(model)
     mu = 1 / tiny_cfg.train.learning_rate
     reply = client.train(tiny_cfg, arrays, RecordDict(), node_config=SIM, server_round=1, proximal_mu=mu)
-    back, start = reply[client.ARRAYS].to_torch_state_dict(), arrays.to_torch_state_dict()
+    back, start = reply[protocol.ARRAYS].to_torch_state_dict(), arrays.to_torch_state_dict()
     assert all(back[k].allclose(start[k], atol=1e-6) for k in start)
-    assert reply[client.METRICS]["steps"] > 0 and reply[client.METRICS]["noise_multiplier"] > 0
+    assert reply[protocol.METRICS]["steps"] > 0 and reply[protocol.METRICS]["noise_multiplier"] > 0
     free = client.train(tiny_cfg, arrays, RecordDict(), node_config=SIM, server_round=1)
-    assert any(not free[client.ARRAYS].to_torch_state_dict()[k].allclose(start[k]) for k in start)
+    assert any(not free[protocol.ARRAYS].to_torch_state_dict()[k].allclose(start[k]) for k in start)
     with pytest.raises(ValueError, match="proximal-mu"):
         client.train(tiny_cfg, arrays, RecordDict(), node_config=SIM, server_round=1, proximal_mu=float("nan"))
 

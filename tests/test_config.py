@@ -1,6 +1,7 @@
 """Configuration: composition from conf/ and clear errors for bad input."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -50,6 +51,9 @@ def test_overrides_apply_and_groups_switch():
     ("partitioner=dirichlet partitioner.alpha=0", "partitioner.alpha"),
     ("partitioner=zipf", "partitioner"),
     ("privacy.no_such_key=1", "no_such_key"),
+    ("+privacy.no_such_key=1", "privacy.no_such_key"),  # appended: not a key of the schema
+    ("+no_such_section.key=1", "no_such_section"),
+    ("~model.max_length", "model.max_length is required"),  # a key the schema needs, deleted
     ("num_rounds", "num_rounds"),  # not an override at all
     ("resume=0", "resume"),
     ("privacy.grad_sample_mode=magic", "privacy.grad_sample_mode"),
@@ -57,6 +61,10 @@ def test_overrides_apply_and_groups_switch():
     ("dataset=boolq dataset.hub_splits={train: train}", "dataset.hub_splits"),
     ("dataset=sst2 dataset.path=/x dataset.max_train=0", "dataset.max_train"),
     ("dataset.label_map=[a]", "dataset.label_map"),
+    ("dataset.label_field=3", "dataset.label_field"),
+    ("strategy.user_dp.enabled=yes", "strategy.user_dp.enabled"),  # a flag is true or false, not a truthy string
+    ("model=tiny-llama model.tokenizer=null", "model.tokenizer"),
+    ("partitioner=dirichlet partitioner.alpha=null", "partitioner.alpha"),
 ])
 def test_bad_config_names_the_key(overrides, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
@@ -97,8 +105,7 @@ def test_the_recipes_are_what_the_recipe_search_chose(monkeypatch):
     split for epsilon 8, 4 and 1 and the non-private arm (docs/results/recipe-fpb.json): composing each privacy
     choice gives the chosen run's value for every training key the search set, its own or its common ones."""
     root = Path(config.CONF_DIR).parent
-    monkeypatch.syspath_prepend(str(root / "scripts"))
-    from recipe_search import training_settings
+    from experiments.recipe_search import training_settings
 
     search = json.loads((root / "docs/results/recipe-fpb.json").read_text())
     for arm, privacy in (("eps8", "dp"), ("eps4", "dp privacy.target_epsilon=4"),
@@ -120,3 +127,72 @@ def test_data_dir_sets_every_local_dataset_path(tmp_path):
     assert config.compose(f"dataset=fpb data_dir={tmp_path} dataset.path=/x").dataset.path == "/x"
     with pytest.raises(ConfigError, match="data_dir"):
         config.compose("dataset=fpb")
+
+
+def test_every_config_in_conf_composes_and_fits_the_schema(tmp_path):
+    """Each option of each group composes and passes the schema (dplora/schema.py), with no key added to it."""
+    for group in ("model", "dataset", "privacy", "partitioner", "strategy", "recipe"):
+        for option in sorted((Path(config.CONF_DIR) / group).glob("*.yaml")):
+            cfg = config.compose(f"{group}={option.stem} data_dir={tmp_path}")
+            if group in ("model", "dataset", "partitioner"):  # the group's own keys, as its file sets them
+                assert set(cfg[group]) == set(OmegaConf.load(option)), option
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ("train.learning_rate=abc", "train.learning_rate must be a number (got 'abc')"),
+    ("num_rounds=abc", "num_rounds must be an integer (got 'abc')"),
+    ("model.lora.r=2.5", "model.lora.r must be an integer (got 2.5)"),
+    ("model.lora.train_a=maybe", "model.lora.train_a must be true or false (got 'maybe')"),
+    ("eval.also_test=1", "eval.also_test must be true or false (got 1)"),
+    ("dataset.text_fields=3", "dataset.text_fields must be a non-empty list of names (got 3)"),
+    ("dataset.label_map=[a]", "dataset.label_map must be a mapping"),
+])
+def test_a_value_of_the_wrong_type_names_the_key_and_the_type(overrides, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        config.compose(overrides)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ("privacy.accountant=gdp2", "privacy.accountant must be one of prv, rdp (got 'gdp2')"),
+    ("train.optimizer=rmsprop", "train.optimizer must be one of adamw, sgd (got 'rmsprop')"),
+    ("strategy.user_dp.side=both", "strategy.user_dp.side must be one of server, client (got 'both')"),
+    ("dataset.source=web", "dataset.source must be one of synthetic, local, hub (got 'web')"),
+    ("model.pooling=max", "model.pooling must be one of mean, cls (got 'max')"),
+])
+def test_an_unknown_choice_names_the_key_and_lists_the_choices(overrides, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        config.compose(overrides)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ("privacy.target_epsilon=-1", "privacy.target_epsilon must be > 0 (got -1)"),
+    ("privacy.target_epsilon=200", "privacy.target_epsilon must be <= 100 (got 200)"),
+    ("privacy.delta=1", "privacy.delta must be < 1 (got 1)"),
+    ("num_rounds=0", "num_rounds must be >= 1 (got 0)"),
+])
+def test_a_value_out_of_range_names_the_key_and_the_bound(overrides, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        config.compose(overrides)
+
+
+def test_user_level_dp_needs_the_owners_per_round():
+    assert config.compose("").strategy.user_dp.owners_per_round is None  # no default: a run states it
+    with pytest.raises(ConfigError, match=re.escape(
+            "strategy.user_dp.owners_per_round is required with strategy.user_dp.enabled=true: the number of "
+            "owners sampled each round (public; the noise is divided by it)")):
+        config.compose("strategy.user_dp.enabled=true")
+    cfg = config.compose("strategy.user_dp.enabled=true strategy.user_dp.owners_per_round=4")
+    assert cfg.strategy.user_dp.owners_per_round == 4
+    with pytest.raises(ConfigError, match=re.escape("strategy.user_dp.owners_per_round must be >= 1 (got 0)")):
+        config.compose("strategy.user_dp.enabled=true strategy.user_dp.owners_per_round=0")
+
+
+def test_the_recorded_config_keeps_plain_values_and_has_no_sweep_settings():
+    """to_dict (metrics.json, compared on resume) holds what conf/ says: strings stay strings (no Enum from the
+    schema), numbers stay as written, and keys a config leaves out are not filled in from the schema."""
+    recorded = config.to_dict(config.compose("model=tiny-llama train.learning_rate=1"))
+    assert json.loads(json.dumps(recorded)) == recorded  # plain JSON values only
+    assert recorded["privacy"]["accountant"] == "prv" and type(recorded["privacy"]["accountant"]) is str
+    assert recorded["train"]["learning_rate"] == 1 and type(recorded["train"]["learning_rate"]) is int
+    assert "head_init" not in recorded["model"] and "fan_in_fan_out" not in recorded["model"]["lora"]
+    assert "sweep" not in recorded and "num_supernodes" not in json.dumps(recorded)

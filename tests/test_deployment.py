@@ -1,7 +1,7 @@
 """A real deployment on loopback: one SuperLink and two SuperNodes as separate processes, TLS and SuperNode
-authentication, each owner with its own data file and ledger (scripts/make_certs.sh, scripts/local_federation.py)."""
+authentication, each owner with its own data file and ledger (scripts/make_certs.sh,
+experiments/local_federation.py)."""
 
-import importlib.util
 import json
 import subprocess
 from pathlib import Path
@@ -10,19 +10,11 @@ import pytest
 from peft import PeftModel
 
 from dplora import config, models
-from dplora.simulation import run_env
+from experiments import local_federation as federation
+from experiments.simulation import run_env
 
 from .conftest import ROOT
 
-
-def _load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-federation = _load_script("local_federation")
 
 LABELS = ["negative", "neutral", "positive"]
 OVERRIDES = "model=tiny-llama num_rounds=2 train.batch_size=8 train.sample_rate=0.25 train.local_epochs=1"

@@ -77,10 +77,8 @@ def test_get_data_offline_fails_at_once_with_what_it_needs(tmp_path):
 
 
 def test_get_data_writes_the_folders_the_loaders_read(tmp_path, monkeypatch):
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("get_data", ROOT / "scripts" / "get_data.py")
-    get_data = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(get_data)
+    from experiments import get_data
+
     monkeypatch.setattr(get_data, "hub_reachable", lambda: None)
     monkeypatch.setattr(get_data, "load_hub_split", _fake_hub(1000))
     assert get_data.main([str(tmp_path), "--datasets", "fpb", "pubmedqa"]) == 0

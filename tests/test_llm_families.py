@@ -5,7 +5,7 @@ import pytest
 import torch
 from flwr.app import RecordDict
 
-from dplora import client, config, data, models
+from dplora import client, config, data, models, protocol
 from dplora.privacy import PrivacyAccount
 from dplora.train import evaluate, sequence_losses, train_round
 
@@ -21,7 +21,7 @@ def test_a_dp_round_runs_for_every_family(family):
     start = models.to_arrays(model)
     reply = client.train(cfg, start, RecordDict(), node_config={"partition-id": 0, "num-partitions": 2},
                          server_round=1)
-    metrics, arrays = reply[client.METRICS], reply[client.ARRAYS].to_torch_state_dict()
+    metrics, arrays = reply[protocol.METRICS], reply[protocol.ARRAYS].to_torch_state_dict()
     assert metrics["steps"] == 4 and 0 < metrics["epsilon"] <= 8 and metrics["noise_multiplier"] > 0
     assert set(arrays) == set(start.to_torch_state_dict())  # only the adapter travels
     assert arrays and all("lora_" in k for k in arrays)  # causal LM: LoRA only, the LM head stays frozen

@@ -8,7 +8,7 @@ import torch
 from flwr.app import ConfigRecord, RecordDict
 from omegaconf import OmegaConf
 
-from dplora import client, config, data, models, privacy
+from dplora import client, config, data, models, privacy, protocol
 from dplora.privacy import BudgetExhausted, PrivacyAccount
 from dplora.train import sequence_losses, train_round
 
@@ -161,11 +161,11 @@ def test_neighbouring_datasets_give_replies_with_identical_metadata(tiny_cfg, tm
         finally:
             privacy.PrivacyAccount.make_private = original
     small, large = replies
-    assert dict(small[client.METRICS]) == dict(large[client.METRICS])
-    assert set(small[client.METRICS]) == {"epsilon", "noise_multiplier", "sample_rate", "steps", "delta"}
-    assert set(small.keys()) == set(large.keys()) == {client.ARRAYS, client.METRICS}
+    assert dict(small[protocol.METRICS]) == dict(large[protocol.METRICS])
+    assert set(small[protocol.METRICS]) == {"epsilon", "noise_multiplier", "sample_rate", "steps", "delta"}
+    assert set(small.keys()) == set(large.keys()) == {protocol.ARRAYS, protocol.METRICS}
     assert normalizers == [tiny_cfg.train.batch_size] * 2  # not int(N x q)
-    a, b = small[client.ARRAYS].to_torch_state_dict(), large[client.ARRAYS].to_torch_state_dict()
+    a, b = small[protocol.ARRAYS].to_torch_state_dict(), large[protocol.ARRAYS].to_torch_state_dict()
     assert {k: (v.shape, v.dtype) for k, v in a.items()} == {k: (v.shape, v.dtype) for k, v in b.items()}
 
 
@@ -177,10 +177,10 @@ def test_epsilon_across_rounds_is_one_accountant_not_a_sum(tiny_cfg):
     eps, steps = [], []
     for server_round in (1, 2):
         reply = client.train(cfg, arrays, state, node_config={"partition-id": 0, "num-partitions": 2}, server_round=server_round)
-        metrics = reply[client.METRICS]
+        metrics = reply[protocol.METRICS]
         eps.append(metrics["epsilon"])
         steps.append(metrics["steps"])
-        arrays = reply[client.ARRAYS]
+        arrays = reply[protocol.ARRAYS]
     assert steps[1] == 2 * steps[0] > 0
     q, sigma, delta = metrics["sample_rate"], metrics["noise_multiplier"], metrics["delta"]
     assert eps[1] == pytest.approx(privacy.epsilon(sigma, q, steps[1], delta, "prv"), rel=1e-9)
@@ -198,10 +198,10 @@ def test_client_refuses_once_the_budget_is_spent(tiny_cfg):
         client.train(cfg, arrays, state, node_config={"partition-id": 1, "num-partitions": 2}, server_round=server_round)
     spent = PrivacyAccount.from_record(state.config_records[privacy.STATE_KEY])
     reply = client.train(cfg, arrays, state, node_config={"partition-id": 1, "num-partitions": 2}, server_round=3)
-    assert client.ARRAYS not in reply.array_records
-    assert "refusing to train" in reply[client.STATUS]["refused"]
-    assert "num-examples" not in reply[client.METRICS]
-    assert reply[client.METRICS]["steps"] == spent.steps  # nothing more was spent
+    assert protocol.ARRAYS not in reply.array_records
+    assert "refusing to train" in reply[protocol.STATUS]["refused"]
+    assert "num-examples" not in reply[protocol.METRICS]
+    assert reply[protocol.METRICS]["steps"] == spent.steps  # nothing more was spent
     assert PrivacyAccount.from_record(state.config_records[privacy.STATE_KEY]).steps == spent.steps
 
 
@@ -210,7 +210,7 @@ def test_non_private_training_uses_the_same_path(tiny_cfg):
     model, _ = models.build_model(cfg)
     state = RecordDict()
     reply = client.train(cfg, models.to_arrays(model), state, node_config={"partition-id": 0, "num-partitions": 2}, server_round=1)
-    metrics = reply[client.METRICS]
+    metrics = reply[protocol.METRICS]
     assert math.isinf(metrics["epsilon"]) and metrics["noise_multiplier"] == 0.0 and metrics["steps"] > 0
     assert isinstance(state.config_records[privacy.STATE_KEY], ConfigRecord)
 
@@ -257,8 +257,7 @@ def test_verify_privacy_allows_prv_its_eps_error_above_and_nothing_below(account
     re-derives with dp_accounting (PRV's upper bound lying up to its eps_error, 0.01, above the PLD one; RDP's
     within 2% of dp_accounting's RDP, 14% above PLD here); a reported epsilon below the re-derived one by more
     than the tolerance, or PRV's slack claimed by the RDP accountant, is a mismatch."""
-    monkeypatch.syspath_prepend(str(config.CONF_DIR.parent / "scripts"))
-    import verify_privacy
+    from experiments import verify_privacy
 
     sigma, q, steps, delta = 2.5, 0.05, 20, 1e-5
     independent = verify_privacy.pld_epsilon if accountant == "prv" else verify_privacy.rdp_epsilon

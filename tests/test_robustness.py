@@ -6,7 +6,7 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from dplora import client, config, data, models
 from dplora.results import RunRecorder
 from dplora.train import evaluate
-from server_app.strategy import OwnerGuard, build_strategy
+from server_app.strategy import build_strategy
 
 OWNERS = 5
 RUN = "privacy=none dataset.num_train=500 dataset.num_test=200 num_rounds=2 train.local_epochs=1 strategy.min_clients=2"
@@ -36,8 +36,7 @@ def federate(strategy: str, attacker: bool, tmp_path) -> float:
     model, tokenizer = models.build_model(cfg)
     sets, labels = data.test_sets(cfg, tokenizer)
     arrays = models.to_arrays(model)
-    guard = OwnerGuard(build_strategy(cfg), RunRecorder(tmp_path / f"{strategy}-{attacker}", {}, 2, "k"), arrays,
-                       privacy=cfg.privacy, min_clients=2, max_update_norm="auto")
+    guard = build_strategy(cfg, RunRecorder(tmp_path / f"{strategy}-{attacker}", {}, 2, "k"), arrays)
     states = [RecordDict() for _ in range(OWNERS)]
     for server_round in (1, 2):
         guard.configure_train(server_round, arrays, ConfigRecord(), Grid())

@@ -17,8 +17,8 @@ from peft import PeftModel
 from safetensors.torch import load_file
 
 from dplora import config, data, models
-from dplora.results import latest_checkpoint, optimizer_file
-from dplora.simulation import (
+from dplora.checkpoint import latest_checkpoint, optimizer_file
+from experiments.simulation import (
     SimulationError,
     descendants,
     flwr_run,

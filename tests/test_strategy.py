@@ -20,9 +20,9 @@ from flwr.app import (
 )
 from omegaconf import OmegaConf
 
-from dplora import config, privacy
+from dplora import checkpoint, config, privacy
 from dplora.results import RunRecorder
-from server_app.strategy import OwnerGuard, build_strategy
+from server_app.strategy import build_strategy
 
 DP = OmegaConf.create({"target_epsilon": 8.0, "delta": 1e-5, "accountant": "prv"})
 NON_PRIVATE = OmegaConf.create({"target_epsilon": None, "delta": 1e-5, "accountant": "prv"})
@@ -33,11 +33,18 @@ def _compose(overrides: str):
     return config.compose(overrides)
 
 
+SETTINGS = {"timeout": "strategy.round_timeout", "max_update_norm": "strategy.max_update_norm",
+            "update_norm_action": "strategy.update_norm_action", "transport_dtype": "transport.dtype"}
+
+
 def AdapterFedAvg(recorder, reference, *, privacy=DP, min_clients=1, strategy="fedavg", overrides="",
                   **kwargs):
-    """The server's strategy as the ServerApp builds it: a Flower aggregator from conf/strategy/ in OwnerGuard."""
-    cfg = _compose(f"strategy={strategy} strategy.min_clients={min_clients} {overrides}")
-    return OwnerGuard(build_strategy(cfg), recorder, reference, privacy=privacy, min_clients=min_clients, **kwargs)
+    """The server's strategy as the ServerApp builds it: a Flower aggregator from conf/strategy/ inside the
+    server's duties (server_app/strategy.py)."""
+    settings = " ".join(f"{SETTINGS[k]}={v}" for k, v in kwargs.items())
+    private = "" if privacy is DP else "privacy=none"
+    cfg = _compose(f"strategy={strategy} strategy.min_clients={min_clients} {private} {settings} {overrides}")
+    return build_strategy(cfg, recorder, reference)
 
 
 @pytest.fixture(autouse=True)
@@ -245,7 +252,7 @@ def test_a_failing_aggregator_loses_the_round_not_the_run(tmp_path, monkeypatch)
 
     def broken(*args, **kwargs):
         raise RuntimeError("boom")
-    monkeypatch.setattr(guard.strategy, "aggregate_train", broken)
+    monkeypatch.setattr(checkpoint.aggregator(guard), "aggregate_train", broken)
     assert guard.aggregate_train(1, [_trained(1, 1.0)]) == (None, None)
     recorder.record_round(1, {"accuracy": 0.5, "loss": float("nan"), "macro_f1": 0.4})
     entry = json.loads(recorder.path.read_text())["rounds"][0]  # valid JSON: the NaN loss is null
@@ -253,12 +260,15 @@ def test_a_failing_aggregator_loses_the_round_not_the_run(tmp_path, monkeypatch)
 
 
 def test_user_level_dp_wraps_the_aggregator_and_reports_its_epsilon(tmp_path):
-    from server_app.strategy import user_level_epsilon
+    from dplora.user_level import user_level_epsilon
     recorder = RunRecorder(tmp_path, {}, num_rounds=2, run_key="k")
     guard = AdapterFedAvg(recorder, REFERENCE, min_clients=2, overrides=(
         "num_rounds=2 strategy.user_dp.enabled=true strategy.user_dp.owners_per_round=2 "
         "strategy.user_dp.target_epsilon=4 strategy.user_dp.clipping_norm=1.0"))
-    sigma = guard.strategy.noise_multiplier
+    dp = guard
+    while not hasattr(dp, "noise_multiplier"):  # Flower's DP wrapper, inside the server's duties
+        dp = dp.strategy
+    sigma = dp.noise_multiplier
 
     class TwoOwners:
         @staticmethod
@@ -308,7 +318,7 @@ def test_a_resumed_server_optimizer_continues_exactly_where_the_checkpoint_left_
     state FedAvgM and FedAdam would restart their momentum and moments and end elsewhere."""
     from safetensors.torch import load_file
 
-    from dplora.results import optimizer_file, replace_checkpoint, save_optimizer_state
+    from dplora.checkpoint import optimizer_file, replace_checkpoint, save_optimizer_state
 
     def guard(name):
         return AdapterFedAvg(RunRecorder(tmp_path / name, {}, num_rounds=3, run_key="k"), REFERENCE, min_clients=2,
@@ -322,18 +332,18 @@ def test_a_resumed_server_optimizer_continues_exactly_where_the_checkpoint_left_
         return arrays
 
     straight, current = guard("straight"), REFERENCE
-    assert straight.optimizer_state() == {}  # nothing before the first aggregation
+    assert checkpoint.optimizer_state(straight) == {}  # nothing before the first aggregation
     for server_round in (1, 2, 3):
         current = round_(straight, server_round, current)
     first, resumed = guard("first"), guard("resumed")
     after_two = round_(first, 2, round_(first, 1, REFERENCE))
     folder = tmp_path / "checkpoint"  # as the ServerApp saves it after each round, replacing the earlier one
     replace_checkpoint(folder, lambda tmp: save_optimizer_state(tmp, {}, 1), {"round": 1})
-    replace_checkpoint(folder, lambda tmp: save_optimizer_state(tmp, first.optimizer_state(), 2), {"round": 2})
+    replace_checkpoint(folder, lambda tmp: save_optimizer_state(tmp, checkpoint.optimizer_state(first), 2), {"round": 2})
     assert [p.name for p in folder.glob("server_optimizer-*")] == ["server_optimizer-2.safetensors"]
     state = load_file(optimizer_file(folder, 2))
-    assert first.has_optimizer_state() == (strategy != "fedavg") and bool(state) == (strategy != "fedavg")
-    resumed.load_optimizer_state(state)
+    assert checkpoint.has_optimizer_state(first) == (strategy != "fedavg") and bool(state) == (strategy != "fedavg")
+    checkpoint.load_optimizer_state(resumed, state, REFERENCE.to_torch_state_dict())
     resumed.round_offset = 2  # what the ServerApp gives a run resumed after round 2: Flower counts from 1 again
     np.testing.assert_array_equal(round_(resumed, 1, after_two)["w"].numpy(), current["w"].numpy())
     if strategy != "fedavg":
@@ -341,7 +351,9 @@ def test_a_resumed_server_optimizer_continues_exactly_where_the_checkpoint_left_
         fresh.round_offset = 2
         assert not np.array_equal(round_(fresh, 1, after_two)["w"].numpy(), current["w"].numpy())
         with pytest.raises(ValueError, match="does not fit the adapter"):
-            guard("bad").load_optimizer_state({k: v[:1] for k, v in state.items()})
+            checkpoint.load_optimizer_state(guard("bad"), {k: v[:1] for k, v in state.items()},
+                                            REFERENCE.to_torch_state_dict())
     with pytest.raises(ValueError, match="'v_t', which FedAvgM does not keep"):
-        AdapterFedAvg(RunRecorder(tmp_path / "m", {}, 3, "k"), REFERENCE, strategy="fedavgm").load_optimizer_state(
-            {"v_t/w": torch.zeros(2, 2)})
+        checkpoint.load_optimizer_state(AdapterFedAvg(RunRecorder(tmp_path / "m", {}, 3, "k"), REFERENCE,
+                                                      strategy="fedavgm"),
+                                        {"v_t/w": torch.zeros(2, 2)}, REFERENCE.to_torch_state_dict())

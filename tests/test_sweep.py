@@ -11,16 +11,20 @@ import sys
 import pytest
 from omegaconf import OmegaConf
 
-from dplora.simulation import finished_run
+from dplora import config
+from experiments.simulation import finished_run
+from experiments.sweep import take_sweep_settings
 
 from .conftest import ROOT
 
-JOB = ["model=tiny-llama", "recipe=plain", "num_rounds=2", "dataset.num_train=160", "dataset.num_test=40", "train.batch_size=16", "train.local_epochs=1", "sweep.num_supernodes=2"]
+JOB = ["model=tiny-llama", "recipe=plain", "num_rounds=2", "dataset.num_train=160", "dataset.num_test=40",
+       "train.batch_size=16", "train.local_epochs=1"]
+OWNERS = "sweep.num_supernodes=2"  # the sweep's own setting (not a key of conf/): 2 simulated owners per job
 
 
 def test_sweep_runs_each_job_reports_failures_and_feeds_the_report(tmp_path):
     sweep_dir = tmp_path / "sweep"
-    proc = subprocess.run([sys.executable, "scripts/sweep.py", "-m", *JOB, "privacy.target_epsilon=4,null,-1",
+    proc = subprocess.run([sys.executable, "scripts/sweep.py", "-m", OWNERS, *JOB, "privacy.target_epsilon=4,null,-1",
                            f"hydra.sweep.dir={sweep_dir}"], cwd=ROOT, capture_output=True, text=True, timeout=900)
     out = proc.stdout + proc.stderr
     # the third job has an invalid epsilon: reported by name, the others still ran, and the exit code says so
@@ -32,6 +36,8 @@ def test_sweep_runs_each_job_reports_failures_and_feeds_the_report(tmp_path):
         metrics = json.loads((sweep_dir / job / "metrics.json").read_text())
         assert metrics["config"]["privacy"]["target_epsilon"] == target and len(metrics["rounds"]) == 2
         assert (sweep_dir / job / "adapter" / "adapter_model.safetensors").is_file()
+        assert json.loads((sweep_dir / job / "sweep.json").read_text()) == {"num_supernodes": 2}
+        assert len(metrics["rounds"][-1]["clients"]) == 2  # the sweep's owner count reached `flwr run`
 
     report = tmp_path / "report"
     done = subprocess.run([sys.executable, "scripts/report.py", str(sweep_dir), "--out", str(report)],
@@ -48,6 +54,7 @@ def test_sweep_runs_each_job_reports_failures_and_feeds_the_report(tmp_path):
     # the same multirun again into the same folder: the finished jobs are skipped, the failed one is retried
     before = {job: (sweep_dir / job / "metrics.json").stat().st_mtime_ns for job in ("0", "1")}
     again = subprocess.run([sys.executable, "scripts/sweep.py", "-m", *JOB, "privacy.target_epsilon=4,null,-1",
+                            "+" + OWNERS,
                             f"hydra.sweep.dir={sweep_dir}"], cwd=ROOT, capture_output=True, text=True, timeout=300,
                            check=False)
     assert again.returncode == 1 and "1 job(s) failed" in again.stderr, again.stdout[-3000:]
@@ -55,9 +62,10 @@ def test_sweep_runs_each_job_reports_failures_and_feeds_the_report(tmp_path):
     starts = [line for line in again.stdout.splitlines() if ": starting" in line]
     assert len(starts) == 1 and "job 2 (" in starts[0]
     assert {job: (sweep_dir / job / "metrics.json").stat().st_mtime_ns for job in ("0", "1")} == before
-    # only a finished run of exactly this config counts
+    # only a finished run of exactly this config and owner count counts
     job0 = " ".join([*JOB, "privacy.target_epsilon=4"])
-    assert finished_run(sweep_dir / "0", job0)["rounds"][-1]["round"] == 2
+    assert finished_run(sweep_dir / "0", job0, 2)["rounds"][-1]["round"] == 2
+    assert finished_run(sweep_dir / "0", job0, 5) is None  # another owner count
     assert finished_run(sweep_dir / "0", job0 + " seed=1") is None  # another config
     assert finished_run(sweep_dir / "2", " ".join([*JOB, "privacy.target_epsilon=1"])) is None  # no run there
     metrics = json.loads((sweep_dir / "0" / "metrics.json").read_text())
@@ -75,15 +83,12 @@ def test_results_script_refuses_a_missing_data_folder(tmp_path):
 
 @pytest.mark.parametrize("script", ["recipe_search", "strategies"])
 def test_experiment_scripts_pass_overrides_that_hydra_parses_and_the_config_accepts(script, tmp_path, monkeypatch):
-    """Every stage scripts/recipe_search.py and scripts/strategies.py would run, with a fake runner that
+    """Every stage experiments/recipe_search.py and experiments/strategies.py would run, with a fake runner that
     records the overrides and writes a metrics.json: each override, hydra.sweep.dir included, parses with
     Hydra's grammar, and the rest composes into a valid config (a run folder named with '=' failed at once)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    from dplora import config
-
-    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
-    module = importlib.import_module(script)
+    module = importlib.import_module(f"experiments.{script}")
     parser, seen = OverridesParser.create(), []
 
     def fake_sweep(folder, overrides, tag):
@@ -117,6 +122,8 @@ def test_experiment_scripts_pass_overrides_that_hydra_parses_and_the_config_acce
         monkeypatch.setattr(sys, "argv", ["strategies.py", str(tmp_path / "out")])
         monkeypatch.setattr(module, "DATA", tmp_path)
         assert module.main() == 0
+        user_level = [o for o in seen if "strategy.user_dp.enabled=true" in o]  # 5 owners: said explicitly
+        assert len(user_level) == 1 and "strategy.user_dp.owners_per_round=5" in user_level[0]
     assert len(seen) > 10
     for overrides in seen:  # one value per key (a setting replaces the common one)
         keys = [o.split("=")[0] for o in overrides]
@@ -128,11 +135,10 @@ def test_experiment_scripts_pass_overrides_that_hydra_parses_and_the_config_acce
         config.compose([*keep, f"data_dir={tmp_path}"])
 
 
-def test_the_recipe_search_steps_past_each_edge_its_choice_lies_on(monkeypatch):
+def test_the_recipe_search_steps_past_each_edge_its_choice_lies_on():
     """Stage 3b: one step past each setting where stages 2-3 chose the last value they tried, and none where
     the choice lies inside what was tried."""
-    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
-    from recipe_search import past_the_edge
+    from experiments.recipe_search import past_the_edge
 
     dp = {"num_rounds": "10", "model.lora.r": "4", "model.lora.alpha": "8", "train.learning_rate": 0.03,
           "train.sample_rate": 0.05}
@@ -144,15 +150,13 @@ def test_the_recipe_search_steps_past_each_edge_its_choice_lies_on(monkeypatch):
     assert past_the_edge({"num_rounds": "5", "train.learning_rate": 0.01, "model.lora.r": "8"}) == []
 
 
-def test_the_results_grid_runs_every_epsilon_on_its_privacy_choices_recipe(tmp_path, monkeypatch):
+def test_the_results_grid_runs_every_epsilon_on_its_privacy_choices_recipe(tmp_path):
     """scripts/results.sh --dry-run --full: every stage's sweep parses with Hydra's grammar, and every job in it
     composes into a valid config: the DP jobs get the DP recipe, the non-private ones the non-private recipe,
     the Dirichlet shares FedProx; 84 jobs, three seeds each setting."""
     import itertools
 
     from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    from dplora import config
 
     for name in ("fpb", "sst2", "pubmedqa"):
         (tmp_path / name).mkdir()
@@ -168,14 +172,13 @@ def test_the_results_grid_runs_every_epsilon_on_its_privacy_choices_recipe(tmp_p
         overrides = parser.parse_overrides(command.split()[3:])  # after `python scripts/sweep.py -m`
         choices = [[f"{o.get_key_element()}={v}" for v in (o.sweep_string_iterator() if o.is_sweep_override()
                                                            else [o.get_value_element_as_str()])]
-                   for o in overrides if not o.get_key_element().startswith("hydra")]
+                   for o in overrides if not o.get_key_element().startswith(("hydra", "sweep."))]
         jobs += [config.compose(list(job)) for job in itertools.product(*choices)]
     assert len(jobs) == 84
     # every job trains with what the recipe search chose for its dataset (PubMedQA: FPB's) and epsilon, on
     # validation (docs/results/recipe-{fpb,sst2}.json): the epsilon's own choice, or epsilon 8's where the
     # search tried no other (SST-2)
-    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
-    from recipe_search import training_settings
+    from experiments.recipe_search import training_settings
 
     search = {name: json.loads((ROOT / f"docs/results/recipe-{name}.json").read_text())["chosen"]
               for name in ("fpb", "sst2")}
@@ -196,3 +199,46 @@ def test_the_results_grid_runs_every_epsilon_on_its_privacy_choices_recipe(tmp_p
     assert len(settings) == 28 and {c.privacy.target_epsilon for c in jobs} == {1.0, 4.0, 8.0, None}
     bad = subprocess.run(["bash", "scripts/results.sh", "--fast"], cwd=ROOT, capture_output=True, text=True, env=env)
     assert bad.returncode == 2 and "unknown option --fast" in bad.stderr
+
+
+def test_the_sweep_takes_its_owner_count_off_the_command_line_before_hydra():
+    """sweep.num_supernodes=N (or +/++sweep.num_supernodes=N) is the sweep's own setting: taken out of the
+    overrides (so no job's config holds it), default 5, one whole number >= 1, no other sweep.* key."""
+    argv = ["-m", "sweep.num_supernodes=2", "seed=0,1", "hydra.sweep.dir=out"]
+    assert take_sweep_settings(argv) == (["-m", "seed=0,1", "hydra.sweep.dir=out"], 2)
+    assert take_sweep_settings(["+sweep.num_supernodes=3", "seed=1"]) == (["seed=1"], 3)
+    assert take_sweep_settings(["++sweep.num_supernodes=4"]) == ([], 4)
+    assert take_sweep_settings(["-m", "seed=0"]) == (["-m", "seed=0"], 5)
+    for bad in ("sweep.num_supernodes=2,5", "sweep.num_supernodes=0", "sweep.num_supernodes", "sweep.owners=2"):
+        with pytest.raises(ValueError, match="sweep"):
+            take_sweep_settings([bad])
+    bad = subprocess.run([sys.executable, "scripts/sweep.py", "-m", "sweep.num_supernodes=2,5"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "one whole number per sweep" in bad.stderr
+
+
+def test_a_run_recorded_before_the_sweep_settings_left_the_config_still_counts_as_finished(tmp_path):
+    """Records from before the change hold `sweep: {num_supernodes: 5}` in their config and, with user-level DP
+    off, strategy.user_dp.owners_per_round 5 (now null): the same job is still finished, for 5 owners only;
+    a record of the new kind says its owner count in sweep.json."""
+    overrides = "model=tiny-llama recipe=plain num_rounds=2 dataset.num_train=160 privacy.target_epsilon=4"
+    record = json.loads(json.dumps(config.to_dict(config.compose(overrides))))
+    record["sweep"] = {"num_supernodes": 5}
+    record["strategy"]["user_dp"]["owners_per_round"] = 5
+    rounds = [{"round": r, "accuracy": 0.5} for r in (1, 2)]
+    (tmp_path / "metrics.json").write_text(json.dumps({"config": record, "rounds": rounds}))
+    assert finished_run(tmp_path, overrides, 5)["rounds"] == rounds
+    assert finished_run(tmp_path, overrides) is not None  # owner count not asked
+    assert finished_run(tmp_path, overrides, 2) is None  # another owner count
+    assert finished_run(tmp_path, overrides + " seed=1", 5) is None  # another config
+    del record["sweep"]  # the new kind: the config has no sweep key, the owner count is in sweep.json
+    (tmp_path / "metrics.json").write_text(json.dumps({"config": record, "rounds": rounds}))
+    assert finished_run(tmp_path, overrides, 5) is None  # (an interrupted write: owner count unknown)
+    (tmp_path / "sweep.json").write_text(json.dumps({"num_supernodes": 2}))
+    assert finished_run(tmp_path, overrides, 2) is not None and finished_run(tmp_path, overrides, 5) is None
+    # with user-level DP on, its owners per round is compared like any other key
+    on = f"{overrides} strategy.user_dp.enabled=true strategy.user_dp.owners_per_round=2"
+    record = json.loads(json.dumps(config.to_dict(config.compose(on))))
+    (tmp_path / "metrics.json").write_text(json.dumps({"config": record, "rounds": rounds}))
+    assert finished_run(tmp_path, on, 2) is not None
+    assert finished_run(tmp_path, on.replace("owners_per_round=2", "owners_per_round=3"), 2) is None

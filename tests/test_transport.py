@@ -14,11 +14,12 @@ from flwr.app import (
     MetricRecord,
     RecordDict,
 )
+from omegaconf import OmegaConf
 
-from dplora import client, config, data, models, transport
+from dplora import client, config, data, models, protocol, transport
 from dplora.results import RunRecorder
 from dplora.train import evaluate
-from server_app.strategy import OwnerGuard, build_strategy
+from server_app.strategy import build_strategy
 
 from .test_robustness import OWNERS, Grid, _reply, task_identity  # noqa: F401 - the fixture is used by name
 
@@ -86,7 +87,7 @@ def test_decode_accepts_exactly_the_configured_format(dtype):
 def test_transport_mod_encodes_the_reply_and_passes_refusals():
     state, reference = _states()
     request = Message(RecordDict({"arrays": ArrayRecord(reference),
-                                  "config": ConfigRecord({transport.CONFIG_KEY: "int8"})}),
+                                  "config": ConfigRecord({protocol.TRANSPORT_DTYPE: "int8"})}),
                       dst_node_id=1, message_type=MessageType.TRAIN)
     context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
 
@@ -123,8 +124,8 @@ def test_accuracy_after_a_round_does_not_depend_on_the_wire_format(tmp_path):
     accuracy, failures = {}, {}
     for dtype in ("fp32", "fp16", "int8"):
         recorder = RunRecorder(tmp_path / dtype, {}, 1, "k")
-        guard = OwnerGuard(build_strategy(cfg), recorder, arrays, privacy=cfg.privacy, min_clients=2,
-                           transport_dtype=dtype)
+        guard = build_strategy(OmegaConf.merge(cfg, {"transport": {"dtype": dtype}, "strategy": {"min_clients": 2}}),
+                               recorder, arrays)
         guard.configure_train(1, arrays, ConfigRecord(), Grid())
         replies = [_reply(i + 1, RecordDict({"arrays": transport.encode(t["arrays"].to_torch_state_dict(), start,
                                                                         dtype), "metrics": t["metrics"]}))

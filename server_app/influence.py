@@ -1,0 +1,119 @@
+"""How far one owner can move the global adapter, and what the aggregate may be.
+
+`BoundUpdates` gives every owner the same weight (a reply carries no record count, which would leak the owner's
+exact size) and bounds each update (reply minus the current global adapter, L2 over all tensors): clipped to, or
+rejected beyond, `strategy.max_update_norm`. It records each trained owner's privacy record and update norm.
+
+`GuardAggregate` (innermost, right around Flower's strategy) keeps the adapter as it was when fewer than
+`min_clients` owners trained, when the aggregator raises, or when the aggregate does not fit the adapter (names,
+shapes, finite values); it casts the aggregate to the adapter's dtypes (FedOpt strategies compute in float64).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Iterable
+
+import torch
+from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+
+from dplora import protocol
+from dplora.results import client_record
+from dplora.user_level import user_level_record
+from server_app.wrapper import StrategyWrapper, log
+
+WEIGHT = "weight"  # the key the aggregator weights by: 1 for every owner (set by the server, not sent by owners)
+AUTO_BOUND_FACTOR = 3.0  # max_update_norm=auto: this many times the round's median update norm
+AUTO_BOUND_MIN_REPLIES = 3  # ... when at least this many replies make the median meaningful
+
+
+class BoundUpdates(StrategyWrapper):
+    """Equal weights; each update's L2 norm clipped to (or rejected beyond) the round's bound."""
+
+    def __init__(self, strategy, recorder, reference: ArrayRecord, *, max_update_norm: float | str | None = None,
+                 action: str = "clip"):
+        super().__init__(strategy, recorder)
+        self.max_update_norm, self.action = max_update_norm, action
+        self.current = reference.to_torch_state_dict()
+
+    def configure_train(self, server_round, arrays, config, grid) -> Iterable[Message]:
+        self.current = arrays.to_torch_state_dict()
+        return self.strategy.configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+        replies = list(replies)
+        updates = [self.update(msg.content[protocol.ARRAYS].to_torch_state_dict()) for msg in replies]
+        norms = [math.sqrt(sum(float((u * u).sum()) for u in update.values())) for update in updates]
+        bound = self.bound(norms)
+        kept = []
+        for msg, update, norm in zip(replies, updates, norms, strict=True):
+            node, metrics = msg.metadata.src_node_id, msg.content[protocol.METRICS]
+            record = {**client_record(node, metrics, metrics["epsilon"]), "update_norm": norm}
+            if bound is not None and norm > bound:
+                if self.action == "reject":
+                    log.warning("round %d: node %d's update norm %.4g exceeds the bound %.4g: excluded",
+                                server_round, node, norm, bound)
+                    self.recorder.failed(node, f"update norm {norm:.4g} above the bound {bound:.4g}")
+                    continue
+                log.warning("round %d: node %d's update norm %.4g clipped to %.4g", server_round, node, norm, bound)
+                update = {k: u * (bound / norm) for k, u in update.items()}
+                record["clipped_to"] = bound
+            # What the aggregator sees: the (bounded) adapter, an equal weight and the re-derived epsilon.
+            arrays = ArrayRecord({k: (self.current[k] + update[k].float()).contiguous() for k in self.current})
+            msg.content = RecordDict({protocol.ARRAYS: arrays,
+                                      protocol.METRICS: MetricRecord({WEIGHT: 1, "epsilon": metrics["epsilon"]})})
+            self.recorder.trained(record)
+            kept.append(msg)
+        return self.strategy.aggregate_train(server_round, kept)
+
+    def update(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The owner's update, reply minus the current global adapter, in float64 (no overflow in its norm)."""
+        return {k: state[k].double() - self.current[k].double() for k in self.current}
+
+    def bound(self, norms: list[float]) -> float | None:
+        """The round's bound on an update's norm: the configured number, or (auto) AUTO_BOUND_FACTOR x the
+        median norm when there are at least AUTO_BOUND_MIN_REPLIES replies; None: no bound."""
+        if self.max_update_norm != "auto":
+            return self.max_update_norm
+        return AUTO_BOUND_FACTOR * statistics.median(norms) if len(norms) >= AUTO_BOUND_MIN_REPLIES else None
+
+
+class GuardAggregate(StrategyWrapper):
+    """Aggregates only with at least `min_clients` trained replies; a failed or unusable aggregate keeps the
+    adapter; the aggregate is cast to the adapter's dtypes."""
+
+    def __init__(self, strategy, recorder, reference: ArrayRecord, *, min_clients: int):
+        super().__init__(strategy, recorder)
+        self.min_clients = min_clients
+        self.layout = protocol.layout_of(reference.to_torch_state_dict())
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+        replies = list(replies)
+        result: tuple[ArrayRecord | None, MetricRecord | None] = (None, None)
+        if len(replies) < self.min_clients:
+            log.warning("round %d: %d client(s) trained, fewer than min_clients=%d; the global adapter is "
+                        "unchanged", server_round, len(replies), self.min_clients)
+        else:
+            try:
+                result = self.strategy.aggregate_train(server_round, replies)
+            except Exception as err:  # noqa: BLE001 - the round is lost, not the run
+                log.error("round %d: %s failed to aggregate (%s: %s); the global adapter is unchanged",
+                          server_round, type(self.strategy).__name__, type(err).__name__, err)
+            if result[0] is not None:
+                try:
+                    result = (self.as_adapter(result[0]), result[1])
+                except ValueError as err:
+                    log.error("round %d: the aggregate is unusable (%s); the global adapter is unchanged",
+                              server_round, err)
+                    result = (None, None)
+        self.recorder.aggregated(result[0] is not None, user_level_record(self.strategy))
+        return result
+
+    def as_adapter(self, arrays: ArrayRecord) -> ArrayRecord:
+        """The aggregate in the adapter's own dtypes; ValueError unless it has the adapter's names and shapes
+        and finite values."""
+        state = arrays.to_torch_state_dict()
+        cast = {k: v.to(self.layout[k][0]) if k in self.layout else v for k, v in state.items()}
+        protocol.check_arrays(cast, self.layout, "the model's adapter")
+        return ArrayRecord({k: v.contiguous() for k, v in cast.items()})
