@@ -180,8 +180,10 @@ def _owners(output_dir: Path, recorded: dict) -> int | None:
 
 
 def flwr_run(overrides: str, output_dir: Path, num_supernodes: int, env: dict[str, str],
-             on_line: Callable[[str], None] = lambda line: None, timeout: float = 24 * 3600) -> dict:
-    """`flwr run .` one simulation; return its metrics.json, or raise SimulationError if a round is missing."""
+             on_line: Callable[[str], None] = lambda line: None, timeout: float = 24 * 3600,
+             app_dir: Path = ROOT) -> dict:
+    """`flwr run .` one simulation; return its metrics.json, or raise SimulationError if a round is missing.
+    `app_dir`: the Flower app to run (this project; tests run variants of its ClientApp from other folders)."""
     output_dir.mkdir(parents=True, exist_ok=True)
     metrics_path = output_dir / "metrics.json"
     started = time.time()
@@ -196,7 +198,7 @@ def flwr_run(overrides: str, output_dir: Path, num_supernodes: int, env: dict[st
     log_path = output_dir / "flwr.log"
     deadline = time.time() + timeout
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen(command, cwd=app_dir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True)
         for line in proc.stdout:
             log.write(line)

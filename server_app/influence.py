@@ -2,11 +2,18 @@
 
 `BoundUpdates` gives every owner the same weight (a reply carries no record count, which would leak the owner's
 exact size) and bounds each update (reply minus the current global adapter, L2 over all tensors): clipped to, or
-rejected beyond, `strategy.max_update_norm`. It records each trained owner's privacy record and update norm.
+rejected beyond, `strategy.max_update_norm`. `auto` is the public plan's bound on how far an honest AdamW round
+can move the adapter (server_app/plan.py), which holds for any number of replies, two included, and, with 3 or
+more replies, at most AUTO_BOUND_FACTOR x the round's median norm; with SGD (no plan bound) and fewer than 3
+replies, AUTO_BOUND_FACTOR x the median of the previous round's kept norms. Within the bound an attacker still
+moves the mean by up to bound / number of owners each round. It records each trained owner's privacy record and
+update norm.
 
 `GuardAggregate` (innermost, right around Flower's strategy) keeps the adapter as it was when fewer than
 `min_clients` owners trained, when the aggregator raises, or when the aggregate does not fit the adapter (names,
-shapes, finite values); it casts the aggregate to the adapter's dtypes (FedOpt strategies compute in float64).
+shapes, finite values); it casts the aggregate to the adapter's dtypes (FedOpt strategies compute in float64). It
+hands the replies over in node order, never arrival order, so that no aggregator (Krum breaks ties by order) can be
+steered by who replies first.
 """
 
 from __future__ import annotations
@@ -18,9 +25,13 @@ from collections.abc import Iterable
 import torch
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 
+from omegaconf import DictConfig
+
 from dplora import protocol
+from dplora.privacy import steps_per_round
 from dplora.results import client_record
 from dplora.user_level import user_level_record
+from server_app.plan import adam_update_bound
 from server_app.wrapper import StrategyWrapper, log
 
 WEIGHT = "weight"  # the key the aggregator weights by: 1 for every owner (set by the server, not sent by owners)
@@ -31,11 +42,13 @@ AUTO_BOUND_MIN_REPLIES = 3  # ... when at least this many replies make the media
 class BoundUpdates(StrategyWrapper):
     """Equal weights; each update's L2 norm clipped to (or rejected beyond) the round's bound."""
 
-    def __init__(self, strategy, recorder, reference: ArrayRecord, *, max_update_norm: float | str | None = None,
-                 action: str = "clip"):
+    def __init__(self, strategy, recorder, reference: ArrayRecord, train: DictConfig, *,
+                 max_update_norm: float | str | None = None, action: str = "clip"):
+        """`train`: the run's training settings (optimizer, learning rate, local epochs), the public plan."""
         super().__init__(strategy, recorder)
-        self.max_update_norm, self.action = max_update_norm, action
+        self.train, self.max_update_norm, self.action = train, max_update_norm, action
         self.current = reference.to_torch_state_dict()
+        self.previous: list[float] = []  # the norms kept last round
 
     def configure_train(self, server_round, arrays, config, grid) -> Iterable[Message]:
         self.current = arrays.to_torch_state_dict()
@@ -45,10 +58,10 @@ class BoundUpdates(StrategyWrapper):
         replies = list(replies)
         updates = [self.update(msg.content[protocol.ARRAYS].to_torch_state_dict()) for msg in replies]
         norms = [math.sqrt(sum(float((u * u).sum()) for u in update.values())) for update in updates]
-        bound = self.bound(norms)
-        kept = []
+        kept, kept_norms = [], []
         for msg, update, norm in zip(replies, updates, norms, strict=True):
             node, metrics = msg.metadata.src_node_id, msg.content[protocol.METRICS]
+            bound = self.bound(norms, metrics["sample_rate"])
             record = {**client_record(node, metrics, metrics["epsilon"]), "update_norm": norm}
             if bound is not None and norm > bound:
                 if self.action == "reject":
@@ -65,18 +78,31 @@ class BoundUpdates(StrategyWrapper):
                                       protocol.METRICS: MetricRecord({WEIGHT: 1, "epsilon": metrics["epsilon"]})})
             self.recorder.trained(record)
             kept.append(msg)
+            kept_norms.append(record.get("clipped_to", norm))
+        self.previous = kept_norms
         return self.strategy.aggregate_train(server_round, kept)
 
     def update(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The owner's update, reply minus the current global adapter, in float64 (no overflow in its norm)."""
         return {k: state[k].double() - self.current[k].double() for k in self.current}
 
-    def bound(self, norms: list[float]) -> float | None:
-        """The round's bound on an update's norm: the configured number, or (auto) AUTO_BOUND_FACTOR x the
-        median norm when there are at least AUTO_BOUND_MIN_REPLIES replies; None: no bound."""
+    def bound(self, norms: list[float], sample_rate: float | None) -> float | None:
+        """The bound on this round's update norms (None: none): the configured number, or (auto) the smallest of
+        the plan's bound for this sample rate, AUTO_BOUND_FACTOR x the round's median norm (with at least
+        AUTO_BOUND_MIN_REPLIES replies) and, only where neither applies, AUTO_BOUND_FACTOR x last round's."""
         if self.max_update_norm != "auto":
             return self.max_update_norm
-        return AUTO_BOUND_FACTOR * statistics.median(norms) if len(norms) >= AUTO_BOUND_MIN_REPLIES else None
+        bounds = []
+        if sample_rate is not None:
+            global_norm = math.sqrt(sum(float(t.double().square().sum()) for t in self.current.values()))
+            bounds.append(adam_update_bound(self.train, steps_per_round(sample_rate, self.train.local_epochs),
+                                            sum(t.numel() for t in self.current.values()), global_norm))
+        if len(norms) >= AUTO_BOUND_MIN_REPLIES:
+            bounds.append(AUTO_BOUND_FACTOR * statistics.median(norms))
+        elif not any(b is not None for b in bounds) and self.previous:
+            bounds.append(AUTO_BOUND_FACTOR * statistics.median(self.previous))
+        bounds = [b for b in bounds if b is not None]
+        return min(bounds) if bounds else None
 
 
 class GuardAggregate(StrategyWrapper):
@@ -96,6 +122,7 @@ class GuardAggregate(StrategyWrapper):
                         "unchanged", server_round, len(replies), self.min_clients)
         else:
             try:
+                replies.sort(key=lambda msg: msg.metadata.src_node_id)  # node order, never arrival order
                 result = self.strategy.aggregate_train(server_round, replies)
             except Exception as err:  # noqa: BLE001 - the round is lost, not the run
                 log.error("round %d: %s failed to aggregate (%s: %s); the global adapter is unchanged",

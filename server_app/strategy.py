@@ -2,8 +2,8 @@
 
 From the outside in (each a small wrapper, server_app/wrapper.py, that records what it sets aside):
 
-  ScreenReplies      missing, failed and malformed replies out; the wire format decoded    (screening.py)
-  RederiveEpsilons   each epsilon re-derived from the reply's own numbers; false claims out  (screening.py)
+  ScreenReplies      missing, failed, unsolicited, duplicate and malformed replies out; the wire format decoded
+  RederiveEpsilons   each privacy record checked against the run's public plan (plan.py); its epsilon re-derived
   BoundUpdates       equal weights; each update's norm clipped to (or rejected beyond) a bound (influence.py)
   GuardAggregate     min_clients, a failing aggregator or an unusable aggregate keep the adapter (influence.py)
   [Flower's DP-FedAvg wrapper]  with strategy.user_dp: user-level clipping and noise (Flower's own)
@@ -29,6 +29,7 @@ from dplora.protocol import METRICS
 from dplora.results import RunRecorder
 from dplora.user_level import user_level_accountant, user_level_noise
 from server_app.influence import WEIGHT, BoundUpdates, GuardAggregate
+from server_app.plan import PrivacyPlan
 from server_app.screening import RederiveEpsilons, ScreenReplies
 
 
@@ -64,8 +65,8 @@ def build_strategy(cfg: DictConfig, recorder: RunRecorder, reference: ArrayRecor
     """The aggregator inside the server's duties, in the order above. `reference`: the initial global adapter
     (names, shapes, dtypes); `round_offset`: the rounds a resumed run already did."""
     strategy = GuardAggregate(build_aggregator(cfg), recorder, reference, min_clients=cfg.strategy.min_clients)
-    strategy = BoundUpdates(strategy, recorder, reference, max_update_norm=cfg.strategy.max_update_norm,
+    strategy = BoundUpdates(strategy, recorder, reference, cfg.train, max_update_norm=cfg.strategy.max_update_norm,
                             action=cfg.strategy.update_norm_action)
-    strategy = RederiveEpsilons(strategy, recorder, cfg.privacy)
+    strategy = RederiveEpsilons(strategy, recorder, PrivacyPlan(cfg))
     return ScreenReplies(strategy, recorder, reference, transport_dtype=cfg.transport.dtype,
                          timeout=cfg.strategy.round_timeout, round_offset=round_offset)

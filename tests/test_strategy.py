@@ -43,7 +43,7 @@ def AdapterFedAvg(recorder, reference, *, privacy=DP, min_clients=1, strategy="f
     server's duties (server_app/strategy.py)."""
     settings = " ".join(f"{SETTINGS[k]}={v}" for k, v in kwargs.items())
     private = "" if privacy is DP else "privacy=none"
-    cfg = _compose(f"strategy={strategy} strategy.min_clients={min_clients} {private} {settings} {overrides}")
+    cfg = _compose(f"{PLAN} strategy={strategy} strategy.min_clients={min_clients} {private} {settings} {overrides}")
     return build_strategy(cfg, recorder, reference)
 
 
@@ -63,25 +63,36 @@ def _reply(node_id: int, content: RecordDict | Error) -> Message:
 REFERENCE = ArrayRecord({"w": Array(np.zeros((2, 2), dtype=np.float32))})
 
 
+PLAN = "train.sample_rate=0.1 train.local_epochs=1 num_rounds=4 train.learning_rate=1.0"  # 10 AdamW steps a round
+
+
+@functools.cache
+def _sigma(rounds=4):
+    """The noise multiplier every honest owner calibrates for the plan (q 0.1, `rounds` rounds of 10 steps)."""
+    return privacy.PrivacyAccount.plan(OmegaConf.create({**DP, "max_grad_norm": 1.0}), 0.1, 10 * rounds).noise_multiplier
+
+
 @functools.cache
 def _epsilon(sigma, steps):
     return privacy.epsilon(sigma, 0.1, steps, 1e-5, "prv")
 
 
-def _privacy(steps=10, sigma=1.1):
-    """An honest privacy record: the epsilon its own parameters give (inf: no DP)."""
+def _privacy(steps=10, sigma=None, rounds=4):
+    """An honest privacy record after `steps` steps: the plan's noise multiplier (sigma=0: no DP) and the epsilon
+    its own parameters give (inf: no DP)."""
+    sigma = _sigma(rounds) if sigma is None else sigma
     eps = _epsilon(sigma, steps) if sigma else math.inf
     return {"epsilon": eps, "noise_multiplier": sigma, "sample_rate": 0.1, "steps": steps, "delta": 1e-5}
 
 
-def _trained(node_id, value, steps=10, sigma=1.1):
+def _trained(node_id, value, steps=10, sigma=None, rounds=4):
     return _reply(node_id, RecordDict({
         "arrays": ArrayRecord({"w": Array(np.full((2, 2), value, dtype=np.float32))}),
-        "metrics": MetricRecord(_privacy(steps, sigma))}))
+        "metrics": MetricRecord(_privacy(steps, sigma, rounds))}))
 
 
 def test_aggregates_trained_replies_and_records_refusals_and_failures(tmp_path):
-    recorder = RunRecorder(tmp_path, {"privacy": {"target_epsilon": 8}}, num_rounds=1, run_key="k")
+    recorder = RunRecorder(tmp_path, {"privacy": {"target_epsilon": 8}}, num_rounds=4, run_key="k")
     strategy = AdapterFedAvg(recorder, REFERENCE, min_clients=1)
     replies = [
         _trained(1, 1.0, steps=10),
@@ -90,9 +101,9 @@ def test_aggregates_trained_replies_and_records_refusals_and_failures(tmp_path):
                               "status": ConfigRecord({"refused": "refusing to train: budget"})})),
         _reply(4, Error(code=0, reason="ClientApp raised RuntimeError")),
     ]
-    arrays, metrics = strategy.aggregate_train(1, replies)
+    arrays, metrics = strategy.aggregate_train(4, replies)  # round 4: up to 40 steps so far
     np.testing.assert_allclose(arrays["w"].numpy(), np.full((2, 2), (1.0 + 4.0) / 2))  # uniform weights
-    eps = {n: privacy.epsilon(1.1, 0.1, n, 1e-5, "prv") for n in (10, 20, 40)}
+    eps = {n: _epsilon(_sigma(), n) for n in (10, 20, 40)}
     assert metrics["clients"] == 2 and metrics["epsilon-max"] == pytest.approx(eps[20], abs=5e-4)
 
     recorder.record_round(1, {"accuracy": 0.5, "loss": 1.0, "macro_f1": 0.4})
@@ -138,7 +149,8 @@ def _with(arrays=None, metrics=None, extra=None):
     (_with(metrics={"steps": -1}), "steps"),
     (_with(metrics={"epsilon": 0.01}), "claimed epsilon 0.01 but .* give"),  # re-derived, not believed
     (_with(metrics={"delta": 1e-3}), "delta"),
-    (_with(metrics={"noise_multiplier": 0.3, "epsilon": privacy.epsilon(0.3, 0.1, 10, 1e-5, "prv")}), "exceeds"),
+    (_with(metrics={"noise_multiplier": 0.3, "epsilon": privacy.epsilon(0.3, 0.1, 10, 1e-5, "prv")}),
+     "noise_multiplier=0.3 is not the plan's"),
     (_with(metrics={"noise_multiplier": 0.0, "epsilon": math.inf}), "noise_multiplier"),
     (_with(extra={"smuggled": ConfigRecord({"loss": "0.1"})}), "records"),
     (RecordDict({"arrays": ArrayRecord({"w": Array(np.ones((2, 2), np.float32))}),
@@ -276,7 +288,7 @@ def test_user_level_dp_wraps_the_aggregator_and_reports_its_epsilon(tmp_path):
             return [1, 2]
     for server_round in (1, 2):
         guard.configure_train(server_round, REFERENCE, ConfigRecord(), TwoOwners())
-        arrays, _ = guard.aggregate_train(server_round, [_trained(1, 1.0), _trained(2, 3.0)])
+        arrays, _ = guard.aggregate_train(server_round, [_trained(1, 1.0, rounds=2), _trained(2, 3.0, rounds=2)])
         assert arrays is not None  # clipped to norm 1 each, then Gaussian noise
         recorder.record_round(server_round, {"accuracy": 0.5, "loss": 1.0, "macro_f1": 0.4})
     user = json.loads(recorder.path.read_text())["rounds"][-1]["user_level"]
