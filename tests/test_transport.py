@@ -110,6 +110,14 @@ def test_transport_mod_encodes_the_reply_and_passes_refusals():
         "a.lora_A.weight"].dtype == torch.float32
 
 
+class AllNodes:
+    """The five honest owners and a sixth whose reply comes in the wrong format."""
+
+    @staticmethod
+    def get_node_ids():
+        return list(range(1, OWNERS + 2))
+
+
 def test_accuracy_after_a_round_does_not_depend_on_the_wire_format(tmp_path):
     """Five owners train one round (non-private, 2 local epochs); their replies travel in each format, the
     server decodes and averages them: the three global adapters score within a point or two of each other. A
@@ -126,7 +134,7 @@ def test_accuracy_after_a_round_does_not_depend_on_the_wire_format(tmp_path):
         recorder = RunRecorder(tmp_path / dtype, {}, 1, "k")
         guard = build_strategy(OmegaConf.merge(cfg, {"transport": {"dtype": dtype}, "strategy": {"min_clients": 2}}),
                                recorder, arrays)
-        guard.configure_train(1, arrays, ConfigRecord(), Grid())
+        guard.configure_train(1, arrays, ConfigRecord(), AllNodes())  # node 6 sampled too: set aside by format
         replies = [_reply(i + 1, RecordDict({"arrays": transport.encode(t["arrays"].to_torch_state_dict(), start,
                                                                         dtype), "metrics": t["metrics"]}))
                    for i, t in enumerate(trained)]
