@@ -58,10 +58,10 @@ class BoundUpdates(StrategyWrapper):
         replies = list(replies)
         updates = [self.update(msg.content[protocol.ARRAYS].to_torch_state_dict()) for msg in replies]
         norms = [math.sqrt(sum(float((u * u).sum()) for u in update.values())) for update in updates]
+        bounds = self.bounds(norms, [msg.content[protocol.METRICS]["sample_rate"] for msg in replies])
         kept, kept_norms = [], []
-        for msg, update, norm in zip(replies, updates, norms, strict=True):
+        for msg, update, norm, bound in zip(replies, updates, norms, bounds, strict=True):
             node, metrics = msg.metadata.src_node_id, msg.content[protocol.METRICS]
-            bound = self.bound(norms, metrics["sample_rate"])
             record = {**client_record(node, metrics, metrics["epsilon"]), "update_norm": norm}
             if bound is not None and norm > bound:
                 if self.action == "reject":
@@ -86,23 +86,23 @@ class BoundUpdates(StrategyWrapper):
         """The owner's update, reply minus the current global adapter, in float64 (no overflow in its norm)."""
         return {k: state[k].double() - self.current[k].double() for k in self.current}
 
-    def bound(self, norms: list[float], sample_rate: float | None) -> float | None:
-        """The bound on this round's update norms (None: none): the configured number, or (auto) the smallest of
-        the plan's bound for this sample rate, AUTO_BOUND_FACTOR x the round's median norm (with at least
-        AUTO_BOUND_MIN_REPLIES replies) and, only where neither applies, AUTO_BOUND_FACTOR x last round's."""
+    def bounds(self, norms: list[float], sample_rates: list[float]) -> list[float | None]:
+        """Each reply's bound (None: none): the configured number, or (auto) the smaller of the plan's bound for
+        its sample rate and AUTO_BOUND_FACTOR x the round's median norm (with at least AUTO_BOUND_MIN_REPLIES
+        replies); where neither applies, AUTO_BOUND_FACTOR x last round's median kept norm."""
         if self.max_update_norm != "auto":
-            return self.max_update_norm
+            return [self.max_update_norm] * len(norms)
+        global_norm = math.sqrt(sum(float(t.double().square().sum()) for t in self.current.values()))
+        size = sum(t.numel() for t in self.current.values())
+        plan = {q: adam_update_bound(self.train, steps_per_round(q, self.train.local_epochs), size, global_norm)
+                for q in set(sample_rates)}  # once a round per sample rate, not per reply
+        observed = AUTO_BOUND_FACTOR * statistics.median(norms) if len(norms) >= AUTO_BOUND_MIN_REPLIES else None
+        earlier = AUTO_BOUND_FACTOR * statistics.median(self.previous) if self.previous else None
         bounds = []
-        if sample_rate is not None:
-            global_norm = math.sqrt(sum(float(t.double().square().sum()) for t in self.current.values()))
-            bounds.append(adam_update_bound(self.train, steps_per_round(sample_rate, self.train.local_epochs),
-                                            sum(t.numel() for t in self.current.values()), global_norm))
-        if len(norms) >= AUTO_BOUND_MIN_REPLIES:
-            bounds.append(AUTO_BOUND_FACTOR * statistics.median(norms))
-        elif not any(b is not None for b in bounds) and self.previous:
-            bounds.append(AUTO_BOUND_FACTOR * statistics.median(self.previous))
-        bounds = [b for b in bounds if b is not None]
-        return min(bounds) if bounds else None
+        for q in sample_rates:
+            candidates = [b for b in (plan[q], observed) if b is not None] or [earlier]
+            bounds.append(None if candidates == [None] else min(candidates))
+        return bounds
 
 
 class GuardAggregate(StrategyWrapper):

@@ -53,6 +53,7 @@ class PrivacyPlan:
 
     def __init__(self, cfg: DictConfig):
         self.privacy, self.train, self.num_rounds = cfg.privacy, cfg.train, cfg.num_rounds
+        self.privacy_key = OmegaConf.to_yaml(cfg.privacy)  # hashable: the calibration's cache key
         self.node_rates: dict[int, float] = {}  # train.sample_rate=null: each node's q, fixed at its first reply
 
     def sample_rate_problem(self, node: int, q: float) -> str | None:
@@ -83,7 +84,7 @@ class PrivacyPlan:
             if sigma != 0 or not math.isinf(claimed):
                 return None, "a privacy record in a non-private run"
             return None, None
-        planned = _noise(OmegaConf.to_yaml(self.privacy), q, self.num_rounds * per_round)
+        planned = _noise(self.privacy_key, q, self.num_rounds * per_round)
         if not _close(sigma, planned):
             return None, f"noise_multiplier={sigma!r} is not the plan's {planned!r} for sample_rate {q!r}"
         derived = _epsilon(planned, q, int(steps), delta, self.privacy.accountant)
