@@ -38,9 +38,8 @@ STATE_KEY = "privacy"  # key of the account's ConfigRecord in context.state
 
 
 def _drop_opacus_root_handler() -> None:
-    """Opacus calls logging.basicConfig when imported (opacus/utils/module_utils.py), which gives the root logger a
-    handler of its own: every Flower log line, which propagates to the root, then printed twice (once as
-    `MM/DD/YYYY hh:mm:ss:INFO:...`). Remove exactly that handler; Flower's own stays."""
+    """Opacus calls logging.basicConfig when imported (opacus/utils/module_utils.py): the root logger's handler
+    then prints every Flower log line twice (once as `MM/DD/YYYY hh:mm:ss:INFO:...`). Remove exactly it."""
     root = logging.getLogger()
     for handler in list(root.handlers):
         if type(handler) is logging.StreamHandler and getattr(handler.formatter, "_fmt", None) == OPACUS_LOG_FORMAT:
@@ -49,14 +48,11 @@ def _drop_opacus_root_handler() -> None:
 
 OPACUS_LOG_FORMAT = "%(asctime)s:%(levelname)s:%(message)s"
 _drop_opacus_root_handler()
-
-# How Opacus computes per-example gradient norms. `auto` picks from scripts/bench.py's measurements
-# on a 2-core CPU (docs/PERFORMANCE.md): LoRA's per-example gradients are r x d per layer, so materializing
-# them (hooks) costs less than ghost clipping's second backward pass through the whole frozen model.
+# How Opacus computes per-example gradient norms; `auto` picks by scripts/bench.py's measurements on a 2-core CPU.
 GRAD_SAMPLE_MODES = ("auto", "hooks", "ghost", "functorch")
 AUTO_MODE = "hooks"  # for both tasks
 AUTO_REASON = ("per-example LoRA gradients are small (r x d per layer): materializing them costs less than "
-               "ghost clipping's second backward pass (docs/PERFORMANCE.md)")
+               "ghost clipping's second backward pass through the whole frozen model (docs/PERFORMANCE.md)")
 
 
 def grad_sample_mode(configured: str) -> tuple[str, str]:
@@ -123,20 +119,18 @@ class PrivacyAccount:
 
     @classmethod
     def plan(cls, privacy_cfg: DictConfig, sample_rate: float, planned_steps: int):
-        """Calibrate the noise once so that all `planned_steps` steps stay within the target epsilon.
-
-        Every input is public (configuration): the noise multiplier does not depend on the owner's data."""
-        sigma = 0.0
-        if privacy_cfg.target_epsilon is not None:
+        """Calibrate the noise once so that all `planned_steps` steps stay within the target epsilon; every input
+        is public (configuration): the noise multiplier does not depend on the owner's data."""
+        p, sigma = privacy_cfg, 0.0
+        if p.target_epsilon is not None:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)
-                sigma = get_noise_multiplier(target_epsilon=privacy_cfg.target_epsilon, target_delta=privacy_cfg.delta,
-                                             sample_rate=sample_rate, steps=planned_steps,
-                                             accountant=privacy_cfg.accountant,
-                                             epsilon_tolerance=0.005 * privacy_cfg.target_epsilon)
-        return cls(target_epsilon=privacy_cfg.target_epsilon, delta=privacy_cfg.delta,
-                   max_grad_norm=privacy_cfg.max_grad_norm, accountant=privacy_cfg.accountant,
-                   noise_multiplier=float(sigma), sample_rate=sample_rate, planned_steps=planned_steps)
+                sigma = get_noise_multiplier(target_epsilon=p.target_epsilon, target_delta=p.delta,
+                                             sample_rate=sample_rate, steps=planned_steps, accountant=p.accountant,
+                                             epsilon_tolerance=0.005 * p.target_epsilon)
+        return cls(target_epsilon=p.target_epsilon, delta=p.delta, max_grad_norm=p.max_grad_norm,
+                   accountant=p.accountant, noise_multiplier=float(sigma), sample_rate=sample_rate,
+                   planned_steps=planned_steps)
 
     def epsilon(self, steps: int | None = None) -> float | None:
         """Epsilon spent after `steps` (default: the steps taken so far); None without DP."""

@@ -46,9 +46,9 @@ from dplora.privacy import (
     grad_sample_mode,
     mean_backward,
 )
+from dplora.evaluation import evaluate
 from dplora.train import (
     device,
-    evaluate,
     make_optimizer,
     micro_batches,
     padded_tokens,

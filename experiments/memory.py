@@ -36,7 +36,8 @@ from omegaconf import OmegaConf
 
 from dplora import client, config, data, models
 from dplora.results import RunRecorder
-from dplora.train import device, evaluate
+from dplora.evaluation import evaluate
+from dplora.train import device
 from experiments import simulation
 from server_app.strategy import build_strategy
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from dplora import config, data, models
+from dplora import config, data, models, synthetic
 from dplora.privacy import PrivacyAccount, steps_per_round
 from dplora.results import write_json
 from dplora.train import sequence_losses, train_round, trim_padding
@@ -89,7 +89,7 @@ def black_box(claimed: float, mechanism: str, m: int, k: int, seed: int) -> dict
     cfg = owner_cfg(claimed, "num_rounds=3 train.learning_rate=0.5")
     model, tokenizer = models.build_model(cfg)
     generator = torch.Generator().manual_seed(seed)
-    pool = data.synthetic_reviews(num_train=m + 400, num_test=1)[0]
+    pool = synthetic.synthetic_reviews(num_train=m + 400, num_test=1)[0]
     wrong = [(row["label"] + 1 + int(torch.randint(2, (1,), generator=generator))) % 3 for row in pool[:m]]
     canary_rows = [{"text": row["text"], "label": label} for row, label in zip(pool[:m], wrong, strict=True)]
     included = torch.rand(m, generator=generator) < 0.5

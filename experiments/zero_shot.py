@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from dplora import config, data, models
-from dplora.train import evaluate
+from dplora.evaluation import evaluate
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = Path(os.environ.get("DPLORA_SHARED_DATA", ROOT.parent / "shared" / "data"))

@@ -12,7 +12,8 @@ from flwr.serverapp import Grid, ServerApp
 from dplora import checkpoint, config, data, models
 from dplora.protocol import RUN_KEY, TRANSPORT_DTYPE
 from dplora.results import RunRecorder
-from dplora.train import device, evaluate
+from dplora.evaluation import evaluate
+from dplora.train import device
 from server_app.strategy import build_strategy
 
 log = logging.getLogger("flwr.dplora.server")

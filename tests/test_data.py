@@ -8,13 +8,13 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from dplora import config, data, models
+from dplora import config, data, models, synthetic
 from dplora.data import DataError
 
 
 def test_synthetic_set_is_fixed_balanced_and_noisy():
-    train, test = data.synthetic_reviews(2000, 500)
-    assert (train, test) == data.synthetic_reviews(2000, 500)
+    train, test = synthetic.synthetic_reviews(2000, 500)
+    assert (train, test) == synthetic.synthetic_reviews(2000, 500)
     counts = Counter(r["label"] for r in train)
     assert len(counts) == 3 and max(counts.values()) / len(train) < 0.45  # no dominant class
     assert not {r["text"] for r in test} <= {r["text"] for r in train}  # not just a copy
@@ -23,7 +23,8 @@ def test_synthetic_set_is_fixed_balanced_and_noisy():
 def test_a_non_private_model_learns_the_synthetic_set_but_not_perfectly():
     cfg = config.compose("privacy=none recipe=plain dataset.num_train=600 dataset.num_test=300 train.local_epochs=2")
     from dplora.privacy import PrivacyAccount, steps_per_round
-    from dplora.train import evaluate, train_round
+    from dplora.evaluation import evaluate
+    from dplora.train import train_round
     model, tok = models.build_model(cfg)
     train_set = data.encode(data.load_split(cfg.dataset, "train"), tok, cfg)
     sets, labels = data.test_sets(cfg, tok)

@@ -7,7 +7,8 @@ from flwr.app import RecordDict
 
 from dplora import client, config, data, models, protocol
 from dplora.privacy import PrivacyAccount
-from dplora.train import evaluate, sequence_losses, train_round
+from dplora.evaluation import evaluate
+from dplora.train import sequence_losses, train_round
 
 FAMILIES = ["tiny-llama", "tiny-qwen2", "tiny-gpt2"]
 HUB_FAMILY = {"smollm2-135m": "tiny-llama", "llama-3.2-1b": "tiny-llama", "qwen2.5-0.5b": "tiny-qwen2"}

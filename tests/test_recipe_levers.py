@@ -7,7 +7,7 @@ from flwr.app import RecordDict
 from transformers import AutoModel
 
 from dplora import client, config, data, models
-from dplora.train import evaluate
+from dplora.evaluation import evaluate
 
 from .test_robustness import task_identity  # noqa: F401 - the fixture is used by name
 

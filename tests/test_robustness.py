@@ -5,7 +5,7 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 
 from dplora import client, config, data, models
 from dplora.results import RunRecorder
-from dplora.train import evaluate
+from dplora.evaluation import evaluate
 from server_app.strategy import build_strategy
 
 OWNERS = 5

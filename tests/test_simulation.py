@@ -25,7 +25,7 @@ from experiments.simulation import (
     local_superlink,
     running,
 )
-from dplora.train import evaluate
+from dplora.evaluation import evaluate
 
 from .conftest import ROOT
 

@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 
 from dplora import client, config, data, models, protocol, transport
 from dplora.results import RunRecorder
-from dplora.train import evaluate
+from dplora.evaluation import evaluate
 from server_app.strategy import build_strategy
 
 from .test_robustness import OWNERS, Grid, _reply, task_identity  # noqa: F401 - the fixture is used by name
