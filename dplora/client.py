@@ -220,7 +220,8 @@ def train(cfg: DictConfig, arrays: ArrayRecord, state: RecordDict, *, node_confi
         state.config_records[STATE_KEY] = account.to_record()
         return protocol.refusal(account.metrics(), str(refused))
     seed = zlib.crc32(f"{cfg.seed}/{server_round}/{owner}".encode())  # dropout; DP noise uses OS entropy
-    result = train_round(model, train_set, cfg, account, seed=seed, steps=next_steps, proximal_mu=proximal_mu)
+    result = train_round(model, train_set, cfg, account, seed=seed, steps=next_steps, proximal_mu=proximal_mu,
+                         name=f"{owner}, round {server_round}")
     state.config_records[STATE_KEY] = account.to_record()  # survives until this owner's next round
     if ledger is not None:
         ledger.record(run_key, account, server_round)  # on the owner's disk before the reply leaves

@@ -8,7 +8,6 @@ the ranges and the rules that span keys below.
 
 from __future__ import annotations
 
-import importlib
 import operator
 import shlex
 from pathlib import Path
@@ -18,6 +17,7 @@ from hydra import initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf
 
+from . import packaged_models
 from .data import FORMATS
 from .schema import TRANSPORT_DTYPES, USER_DP_STRATEGIES, ConfigError, check
 
@@ -26,13 +26,14 @@ __all__ = ["CONF_DIR", "TRANSPORT_DTYPES", "ConfigError", "compose", "to_dict", 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 
-def _package_model(package: str) -> str:
-    """`${package_model:pkg}`: the model folder shipped inside an installed Python package."""
-    try:
-        module = importlib.import_module(package)
-    except ImportError as err:
-        raise ConfigError(f"model: package {package!r} is not installed ({err})") from err
-    return str(module.get_model_path())
+def _packaged(resolve):
+    """A resolver whose ModelPackageError (package missing) surfaces as a ConfigError naming the install step."""
+    def resolver(*args):
+        try:
+            return resolve(*args)
+        except packaged_models.ModelPackageError as err:
+            raise ConfigError(str(err)) from err
+    return resolver
 
 
 def _data_folder(data_dir: str | None, name: str) -> str | None:
@@ -40,7 +41,8 @@ def _data_folder(data_dir: str | None, name: str) -> str | None:
     return str(Path(data_dir).expanduser() / name) if data_dir else None
 
 
-for _name, _resolver in (("package_model", _package_model), ("data_folder", _data_folder)):
+for _name, _resolver in (("package_model", _packaged(packaged_models.package_model)),
+                         ("gguf_model", _packaged(packaged_models.gguf_model)), ("data_folder", _data_folder)):
     if not OmegaConf.has_resolver(_name):
         OmegaConf.register_new_resolver(_name, _resolver)
 
@@ -79,6 +81,7 @@ RANGES = {
     # Above 100 a guarantee is vacuous (and noise calibration degenerates): train with privacy=none instead.
     "privacy.target_epsilon": "> 0, <= 100", "privacy.delta": "> 0, < 1", "privacy.max_grad_norm": "> 0",
     "model.max_length": ">= 8", "model.lora.r": ">= 1", "model.lora.alpha": "> 0", "model.lora.dropout": ">= 0, < 1",
+    "model.lora.layers": ">= 1", "eval.max_new_tokens": ">= 1",
     "dataset.validation_fraction": ">= 0, < 1", "dataset.max_train": ">= 1", "dataset.num_train": ">= 1",
     "dataset.num_test": ">= 1", "partitioner.alpha": "> 0", "partitioner.min_partition_size": ">= 0",
     "strategy.fraction_train": "> 0, <= 1", "strategy.min_clients": ">= 1", "strategy.round_timeout": "> 0",
@@ -157,6 +160,11 @@ def validate(cfg: DictConfig) -> None:
     if model.task != "classification" and model.get("head_init", "random") != "random":
         raise ConfigError(f"model.head_init={model.head_init} is for classification models; a causal LM has no "
                           "head (its answers are the label names)")
+    if model.task == "classification" and (model.get("chat_template") or data.get("answer_field")):
+        raise ConfigError("model.chat_template and dataset.answer_field are for causal LMs (model.task=causal_lm); "
+                          f"{model.name} is a classifier")
+    if data.get("answer_field") in data.text_fields:
+        raise ConfigError(f"dataset.answer_field={data.answer_field} is also a text field of the prompt")
     splits = data.get("hub_splits")
     if data.source == "hub" and not data.get("hub_recipe") and not (splits and {"train", "test"} <= set(splits)):
         raise ConfigError(f"dataset.hub_splits must map train and test to Hub split names (got {splits!r})")

@@ -18,6 +18,7 @@ from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
 from omegaconf import DictConfig
 from torch.utils.data import TensorDataset
 
+from . import prompts
 from .synthetic import synthetic_reviews
 
 FORMATS = ("jsonl", "csv", "parquet")  # local files; the format is also the file extension
@@ -129,7 +130,7 @@ def read_rows(path: Path, dataset_cfg: DictConfig, fmt: str = "jsonl") -> list[d
 
 def check_rows(records, dataset_cfg: DictConfig, path: str) -> list[dict]:
     """(line, record) pairs -> rows with the text fields and a label index; DataError names `path:line`."""
-    fields = list(dataset_cfg.text_fields)
+    fields = list(dataset_cfg.text_fields) + ([dataset_cfg.answer_field] if dataset_cfg.get("answer_field") else [])
     label_map = dict(dataset_cfg.get("label_map") or {})
     label_key, names = dataset_cfg.label_field, list(dataset_cfg.label_names)
     rows = []
@@ -181,10 +182,10 @@ def encode(dataset: datasets.Dataset, tokenizer, cfg: DictConfig, *, answer: int
     """Tokenize for the model's task.
 
     classification: the text fields (one, or a pair) -> (input_ids, attention_mask, class index).
-    causal_lm: prompt + " <label name>" + EOS -> (input_ids, attention_mask, token labels) where only the
+    causal_lm: prompt + answer (dplora/prompts.py) -> (input_ids, attention_mask, token labels) where only the
     answer tokens carry a label, padded on the left so that every answer ends at the last position (the
     model then computes logits for the last few positions only). `answer=k` writes label k's answer for
-    every row (to score candidates).
+    every row (to score candidates; the label alone for free-text datasets).
     """
     fields, max_length = list(cfg.dataset.text_fields), cfg.model.max_length
     if cfg.model.task == "classification":
@@ -196,19 +197,17 @@ def encode(dataset: datasets.Dataset, tokenizer, cfg: DictConfig, *, answer: int
         labels = torch.tensor(list(dataset["label"]) if answer is None else [answer] * len(dataset))
         return TensorDataset(enc["input_ids"], enc["attention_mask"], labels)
 
-    names = list(cfg.dataset.label_names)
     ids = torch.full((len(dataset), max_length), tokenizer.pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(dataset), max_length), dtype=torch.long)
     labels = torch.full((len(dataset), max_length), IGNORE_INDEX, dtype=torch.long)
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    answers = [tokenizer(" " + name, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-               for name in names]
+    framing = prompts.frame(tokenizer, cfg)
+    free_text = bool(cfg.dataset.get("answer_field")) and answer is None  # a free-text answer per row
+    fixed = [prompts.answer_ids(tokenizer, cfg, k, scoring=answer is not None)
+             for k in range(len(cfg.dataset.label_names))]
     for i, row in enumerate(dataset):
-        prompt = tokenizer(cfg.dataset.prompt.format(**{f: row[f] for f in fields}),
-                           add_special_tokens=False)["input_ids"]
-        target = answers[row["label"] if answer is None else answer]
-        prompt = (bos + prompt)[: max_length - len(target)]
-        seq = prompt + target
+        target = (prompts.answer_ids(tokenizer, cfg, row["label"], row, limit=max_length // 2) if free_text
+                  else fixed[row["label"] if answer is None else answer])
+        seq = prompts.prompt_ids(row, tokenizer, cfg, framing, max_length - len(target)) + target
         ids[i, max_length - len(seq):] = torch.tensor(seq)
         mask[i, max_length - len(seq):] = 1
         labels[i, max_length - len(target):] = torch.tensor(target)
@@ -242,3 +241,10 @@ def test_sets(cfg: DictConfig, tokenizer, split: str | None = None) -> tuple[lis
     else:
         sets = [encode(test, tokenizer, cfg, answer=k) for k in range(len(cfg.dataset.label_names))]
     return sets, torch.tensor(list(test["label"]))
+
+
+def reference_answers(cfg: DictConfig, split: str | None = None) -> list[str] | None:
+    """A free-text dataset's reference answers on the evaluation split (ROUGE-L's references); else None."""
+    if cfg.model.task != "causal_lm" or not cfg.dataset.get("answer_field"):
+        return None
+    return [prompts.reference_text(cfg, row) for row in load_split(cfg.dataset, split or cfg.eval.split)]

@@ -124,15 +124,23 @@ def label_descriptions(dataset_cfg: DictConfig) -> list[str]:
     return list(descriptions) if descriptions is not None else list(dataset_cfg.label_names)
 
 
-def lora_config(cfg: DictConfig) -> LoraConfig:
+def lora_config(cfg: DictConfig, num_layers: int | None = None) -> LoraConfig:
+    """peft's LoraConfig. `model.lora.layers=k` puts LoRA on the top k of the base model's `num_layers`
+    transformer layers only: the backward pass then stops at the lowest of them."""
     lora, task = cfg.model.lora, cfg.model.task
+    layers = None
+    if lora.get("layers") is not None:
+        if num_layers is None or lora.layers > num_layers:
+            raise ValueError(f"model.lora.layers={lora.layers}: {cfg.model.name} has {num_layers} layers")
+        layers = list(range(num_layers - lora.layers, num_layers))
     if task == "classification" and cfg.model.pooling == "mean":  # a plain module: name the head ourselves
         task_type, modules_to_save = None, ["classifier"]
     else:  # peft's task types know their heads (classifier / score) and freeze the LM head
         task_type, modules_to_save = (TaskType.SEQ_CLS if task == "classification" else TaskType.CAUSAL_LM), None
     return LoraConfig(task_type=task_type, r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                       target_modules=list(lora.target_modules), modules_to_save=modules_to_save, bias="none",
-                      fan_in_fan_out=bool(lora.get("fan_in_fan_out", False)))  # GPT-2's Conv1D stores W transposed
+                      fan_in_fan_out=bool(lora.get("fan_in_fan_out", False)),  # GPT-2's Conv1D stores W transposed
+                      layers_to_transform=layers)
 
 
 def build_model(cfg: DictConfig, device: str | torch.device = "cpu"):
@@ -141,7 +149,7 @@ def build_model(cfg: DictConfig, device: str | torch.device = "cpu"):
     base = build_base_model(cfg, tokenizer).to(device)  # to its device before get_peft_model
     with torch.random.fork_rng():
         torch.manual_seed(cfg.seed)  # the server's initial adapter (and FFA-LoRA's fixed A) is reproducible
-        model = get_peft_model(base, lora_config(cfg))
+        model = get_peft_model(base, lora_config(cfg, getattr(base.config, "num_hidden_layers", None)))
     if not cfg.model.lora.train_a:  # FFA-LoRA: A stays at its random initialization; B (+ head) trains
         for name, param in model.named_parameters():
             if ".lora_A." in name:

@@ -58,6 +58,7 @@ class LoraConfig:
     target_modules: List[str] = MISSING
     train_a: bool = MISSING
     fan_in_fan_out: bool = False  # tiny-gpt2 only: Conv1D stores its weight transposed
+    layers: Optional[int] = None  # LoRA on the top `layers` transformer layers only (null: every layer)
 
 
 @dataclass
@@ -70,6 +71,7 @@ class ModelConfig:
     pooling: Optional[Pooling] = MISSING  # classification only
     max_length: int = MISSING
     head_init: Optional[HeadInit] = None  # classification only (conf/model/minilm.yaml)
+    chat_template: bool = False  # causal LM: prompts through the tokenizer's chat template (dplora/prompts.py)
     lora: LoraConfig = field(default_factory=LoraConfig)
 
 
@@ -91,6 +93,8 @@ class DatasetConfig:
     label_descriptions: Optional[List[str]] = MISSING
     label_map: Optional[Dict[Any, str]] = MISSING  # raw label value (a string, a number, a boolean) -> label name
     prompt: str = MISSING
+    instruction: Optional[str] = None  # the system turn of chat prompts (model.chat_template=true)
+    answer_field: Optional[str] = None  # causal LM: a free-text answer field (PubMedQA's long_answer)
     max_train: Optional[int] = MISSING
     validation_fraction: float = MISSING
 
@@ -129,6 +133,7 @@ class EvalConfig:
     batch_size: int = MISSING
     split: EvalSplit = MISSING
     also_test: bool = MISSING
+    max_new_tokens: int = 64  # free-text answers (dataset.answer_field): tokens generated for ROUGE-L
 
 
 @dataclass

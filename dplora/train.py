@@ -7,6 +7,7 @@ example's gradient depends on that example only, as per-example clipping require
 
 from __future__ import annotations
 
+import logging
 import time
 import warnings
 
@@ -23,6 +24,9 @@ from .privacy import (
     mean_backward,
     poisson_batches,
 )
+
+log = logging.getLogger(f"flwr.{__name__}")  # under Flower's logger: shown by `flwr run --stream`
+PROGRESS_SECONDS = 30.0  # a long round logs its progress this often (steps, examples/s, time left)
 
 # Opacus' hooks fire on frozen inputs (the base model is frozen): expected, and harmless.
 warnings.filterwarnings("ignore", message="Full backward hook is firing")
@@ -94,7 +98,8 @@ def learning_rate(train_cfg: DictConfig, step: int, planned_steps: int) -> float
 
 
 def train_round(model: torch.nn.Module, train_set: TensorDataset, cfg: DictConfig,
-                account: PrivacyAccount, seed: int, steps: int, on_backward=None, proximal_mu: float = 0.0) -> dict:
+                account: PrivacyAccount, seed: int, steps: int, on_backward=None, proximal_mu: float = 0.0,
+                name: str = "training") -> dict:
     """Take `steps` Poisson-sampled steps on `train_set` (sample rate `account.sample_rate`); with DP if
     `account.private`. Non-private training samples the same way and averages over the drawn batch.
 
@@ -115,6 +120,9 @@ def train_round(model: torch.nn.Module, train_set: TensorDataset, cfg: DictConfi
     the start of the round (the global adapter) by learning_rate x mu x (w - w_global): a gradient step on
     mu/2 ||w - w_global||^2. That term depends on no record, so it stays outside the DP mechanism (no clipping,
     no noise): post-processing of each DP step, which costs no privacy.
+
+    A round that runs longer than PROGRESS_SECONDS logs, that often, "<name>: step i of n, x examples/s, about
+    t s left" (the owner's own log: a slow run told from a stuck one).
     Returns {"steps": steps this round, "seconds": ...}.
     """
     dev = device()
@@ -130,7 +138,8 @@ def train_round(model: torch.nn.Module, train_set: TensorDataset, cfg: DictConfi
     else:
         batches = poisson_batches(train_set, account.sample_rate, steps, torch.Generator().manual_seed(seed))
     module.train()
-    start, steps_before, taken = time.perf_counter(), account.steps, 0
+    start, steps_before, taken, examples = time.perf_counter(), account.steps, 0, 0
+    last_report = start
     try:
         for batch in batches:
             lr = learning_rate(cfg.train, steps_before + taken, account.planned_steps)
@@ -159,6 +168,11 @@ def train_round(model: torch.nn.Module, train_set: TensorDataset, cfg: DictConfi
             optimizer.step()
             if anchor is not None:
                 proximal_step(params, anchor, lr * proximal_mu)
+            examples += batch[0].shape[0]
+            if (now := time.perf_counter()) - last_report >= PROGRESS_SECONDS and taken < steps:
+                last_report, elapsed = now, now - start
+                log.info("%s: step %d of %d, %.1f examples/s, about %.0f s left", name, taken, steps,
+                         examples / elapsed, elapsed / taken * (steps - taken))
     finally:
         if accountant is not None:
             module._close()  # remove Opacus' hooks so `model` is plain again

@@ -32,6 +32,8 @@ def main(grid: Grid, context: Context) -> None:
     # eval.also_test: a tuning run (eval.split=validation) also records the test split, as test_*, so the setting
     # chosen on validation can be reported without a second run; the choice never looks at it.
     also_test = data.test_sets(cfg, tokenizer, "test") if cfg.eval.also_test else None
+    references = data.reference_answers(cfg)  # free-text answers (dataset.answer_field): ROUGE-L's references
+    test_references = data.reference_answers(cfg, "test") if cfg.eval.also_test else None
     trainable, total = models.num_parameters(model)
     log.info("model %s: %d of %d parameters train (%.3f%%); %s split: %d examples", cfg.model.name,
              trainable, total, 100 * trainable / total, cfg.eval.split, len(test_labels))
@@ -61,9 +63,9 @@ def main(grid: Grid, context: Context) -> None:
         """Score the global adapter, record the round, and checkpoint it (a crash loses at most one round)."""
         server_round += done
         models.from_arrays(model, arrays)
-        metrics = evaluate(model, test_sets, test_labels, cfg)
+        metrics = evaluate(model, test_sets, test_labels, cfg, tokenizer, references)
         if also_test:
-            metrics |= {f"test_{k}": v for k, v in evaluate(model, *also_test, cfg).items()}
+            metrics |= {f"test_{k}": v for k, v in evaluate(model, *also_test, cfg, tokenizer, test_references).items()}
         if server_round > done or done == 0:  # a resumed run's starting point is already recorded
             recorder.record_round(server_round, metrics)
         if server_round > done:
