@@ -99,7 +99,7 @@ def learning_rate(train_cfg: DictConfig, step: int, planned_steps: int) -> float
 
 def train_round(model: torch.nn.Module, train_set: TensorDataset, cfg: DictConfig,
                 account: PrivacyAccount, seed: int, steps: int, on_backward=None, proximal_mu: float = 0.0,
-                name: str = "training") -> dict:
+                name: str = "training", answer_logits_only: bool = True) -> dict:
     """Take `steps` Poisson-sampled steps on `train_set` (sample rate `account.sample_rate`); with DP if
     `account.private`. Non-private training samples the same way and averages over the drawn batch.
 
@@ -122,7 +122,8 @@ def train_round(model: torch.nn.Module, train_set: TensorDataset, cfg: DictConfi
     no noise): post-processing of each DP step, which costs no privacy.
 
     A round that runs longer than PROGRESS_SECONDS logs, that often, "<name>: step i of n, x examples/s, about
-    t s left" (the owner's own log: a slow run told from a stuck one).
+    t s left" (the owner's own log: a slow run told from a stuck one). `answer_logits_only=False`: logits at every
+    position (the same update, slower; scripts/bench.py measures it).
     Returns {"steps": steps this round, "seconds": ...}.
     """
     dev = device()
@@ -150,7 +151,7 @@ def train_round(model: torch.nn.Module, train_set: TensorDataset, cfg: DictConfi
             if batch[0].shape[0] > 0:
                 parts = micro_batches(batch, cfg.train.micro_batch_size, dev)
                 for i, part in enumerate(parts):
-                    losses = sequence_losses(module, part, cfg.model.task)
+                    losses = sequence_losses(module, part, cfg.model.task, answer_logits_only)
                     if accountant is None:  # the batch's mean loss, accumulated over its micro-batches
                         (losses.sum() / batch[0].shape[0]).backward()
                         continue

@@ -5,6 +5,7 @@ side by side in this one run (docs/PERFORMANCE.md).
     python scripts/bench.py --out bench.json --quick    # a reduced version (~2 min)
     python scripts/bench.py --out steps.json --skip-flower   # sections 1-3 only (~4 min)
     DPLORA_CACHE=0 python scripts/bench.py --out f.json --models   # sections 4-5 only, without the cache
+    python scripts/bench.py --out llm.json --llm                # section 7 only, SmolLM2-135M-Instruct (~6 min)
 
 1. step time: one DP-SGD step / the same step without DP (same model, batch, sequence length, data), for
    MiniLM classification and tiny-llama causal LM, per Opacus grad_sample_mode; interleaved repeats, medians.
@@ -19,6 +20,8 @@ side by side in this one run (docs/PERFORMANCE.md).
    micro-batches (the product) against one pass padded to the batch's longest example (before); the same
    batches for both (non-private, seeded), interleaved repeats; and the DP / non-private ratio of the
    micro-batched training.
+7. LLM levers (--llm): DP and non-private training examples/s of a causal LM on FPB prompts for each lever
+   (answer-only logits, micro-batches, LoRA on the top k layers only) against today's path, and DP / non-private.
 """
 
 from __future__ import annotations
@@ -314,6 +317,61 @@ def padding(name: str, quick: bool, micro: int | None = None) -> dict:
             "dp_ratio_micro_batched": median["dp_micro_batched"] / median["micro_batched"]}
 
 
+# ------------------------------------------------------------------------------------- 7. LLM levers
+
+LEVERS = {  # name -> (overrides, answer-only logits): today's causal-LM path first, then one lever changed each
+    "baseline": ("", True),                       # answer-only logits, micro-batches of 16, LoRA on every layer
+    "all_logits": ("", False),                    # logits at every position (the path before answer-only logits)
+    "one_pass": (f"train.micro_batch_size={PADDED}", True),  # the batch in one pass, padded to its longest
+    "micro_batch_4": ("train.micro_batch_size=4", True),
+    "top_8_layers": ("model.lora.layers=8", True),
+    "top_4_layers": ("model.lora.layers=4", True),
+}
+
+
+def llm_levers(model_name: str, quick: bool) -> dict:
+    """Training examples/s of a causal LM on FPB prompts (../shared/data; synthetic where absent), non-private
+    and DP, for each lever in LEVERS against today's path (`baseline`); interleaved repeats, medians. The
+    same Poisson batches (seeded) for every variant."""
+    batch, steps, repeats = (8, 1, 1) if quick else (16, 3, 2)
+    fpb = fpb_overrides()
+    base = f"{PLAIN} model={model_name} {fpb} train.batch_size={batch}"
+    built: dict[str, tuple] = {}
+    seconds: dict[str, list[float]] = {}
+    for repeat in range(repeats + 1):  # repeat 0 warms up every variant and is not counted
+        for lever, (overrides, answer_only) in LEVERS.items():
+            layers = overrides if overrides.startswith("model.") else ""
+            if layers:  # at most the model's own layer count (a tiny test model has 2)
+                count = config.compose(base).model.get("architecture") or {}
+                count = count.get("num_hidden_layers") if count else None
+                layers = f"model.lora.layers={min(int(layers.split('=')[1]), count or 10**6)}"
+            if layers not in built:
+                cfg = config.compose(f"{base} {layers}")
+                model, tokenizer = models.build_model(cfg, device())
+                split = data.load_split(cfg.dataset, "train")
+                built[layers] = (model, data.encode(split.select(range(min(len(split), 20 * batch))), tokenizer, cfg),
+                                 models.adapter_state(model))
+            model, train_set, start_state = built[layers]
+            q = batch / len(train_set)
+            for private in (False, True):
+                run_cfg = config.compose(f"{base} {layers or overrides} train.sample_rate={q} "
+                                         + ("privacy.target_epsilon=8" if private else "privacy=none"))
+                models.load_adapter_state(model, start_state)
+                account = PrivacyAccount.plan(run_cfg.privacy, q, steps)
+                result = train_round(model, train_set, run_cfg, account, seed=repeat, steps=steps,
+                                     answer_logits_only=answer_only)
+                if repeat:
+                    seconds.setdefault(f"{'dp' if private else 'non_private'}:{lever}", []).append(
+                        result["seconds"] / (steps * batch))
+    rate = {k: 1 / statistics.median(v) for k, v in seconds.items()}
+    out = {"model": model_name, "dataset": fpb.split()[0], "batch_size": batch, "steps": steps, "repeats": repeats,
+           "examples_per_second": rate,
+           "dp_ratio": {lever: rate[f"non_private:{lever}"] / rate[f"dp:{lever}"] for lever in LEVERS},
+           "dp_speedup_vs_baseline": {lever: rate[f"dp:{lever}"] / rate["dp:baseline"] for lever in LEVERS}}
+    log(f"  DP examples/s vs baseline {fmt(out['dp_speedup_vs_baseline'])}; DP / non-private {fmt(out['dp_ratio'])}")
+    return out
+
+
 # ------------------------------------------------------------------------------------------- the suite
 
 def upload_figures(result: dict, model_names: tuple[str, ...], fpb: str) -> None:
@@ -421,7 +479,7 @@ def table(result: dict) -> str:
         lines.append(f"| DP peak memory / non-private, {name} ({r['mode']}) | {r['ratio']:.3f}x "
                      f"({r['private']['peak_mb']:.0f} vs {r['non_private']['peak_mb']:.0f} MB; "
                      f"training's own: {r['training_ratio']:.2f}x) |")
-    for name, r in result["upload"].items():
+    for name, r in result.get("upload", {}).items():
         for variant, label in (("lora", "LoRA"), ("ffa", "FFA-LoRA")):
             v = r[variant]
             sizes = ", ".join(f"{d} {100 * v['fraction'][d]:.3f}% ({v['upload_bytes'][d] / 1e3:.0f} kB)"
@@ -439,6 +497,13 @@ def table(result: dict) -> str:
                      f"micro-batched, {r['tokens_padded_per_real_token']:.2f} padded |")
         lines.append(f"| {name}: training examples/s, micro-batched / padded | {r['train_speedup_vs_padded']:.2f}x; "
                      f"DP / non-private (micro-batched) {r['dp_ratio_micro_batched']:.2f}x |")
+    if "llm_levers" in result:
+        r = result["llm_levers"]
+        for lever in LEVERS:
+            lines.append(f"| {r['model']}, {lever}: examples/s non-private / DP | "
+                         f"{r['examples_per_second']['non_private:' + lever]:.2f} / "
+                         f"{r['examples_per_second']['dp:' + lever]:.2f}; DP {r['dp_speedup_vs_baseline'][lever]:.2f}x "
+                         f"baseline's; DP / non-private step {r['dp_ratio'][lever]:.2f}x |")
     lines.append("| headline | " + ", ".join(f"{k} {result[k]:.5g}" for k in HEADLINE if k in result) + " |")
     return "\n".join(lines)
 
@@ -459,6 +524,8 @@ def main() -> None:
     parser.add_argument("--models", nargs="*", choices=MODELS, default=list(MODELS),
                         help="models for the step-time, memory and upload figures (default: both; "
                              "none: the Flower figures only)")
+    parser.add_argument("--llm", nargs="?", const="smollm2-135m-instruct", default=None, metavar="MODEL",
+                        help="section 7 only: the LLM levers on a causal LM (default smollm2-135m-instruct; ~5 min)")
     parser.add_argument("--micro-batch-size", type=int, default=None,
                         help="examples per micro-batch in the padding figures (default: train.micro_batch_size)")
     args = parser.parse_args()
@@ -466,8 +533,12 @@ def main() -> None:
         parser.error("--micro-batch-size must be >= 1")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    result = run(args.quick, tuple(args.models), flower=not args.skip_flower, micro=args.micro_batch_size,
-                 upload_only=args.upload_only)
+    if args.llm:
+        log(f"LLM levers: {args.llm}")
+        result = {"quick": args.quick, "llm_levers": llm_levers(args.llm, args.quick)}
+    else:
+        result = run(args.quick, tuple(args.models), flower=not args.skip_flower, micro=args.micro_batch_size,
+                     upload_only=args.upload_only)
     result["seconds"] = time.perf_counter() - start
     bad = [k for k in HEADLINE if k in result and not (math.isfinite(result[k]) and result[k] > 0)]
     args.out.write_text(json.dumps(result, indent=2))
