@@ -3,6 +3,7 @@ and exact match of greedy decoding)."""
 
 from __future__ import annotations
 
+import copy
 import re
 
 import torch
@@ -16,41 +17,38 @@ from .train import device, sequence_losses, trim_padding
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, eval_sets: list[TensorDataset], labels: torch.Tensor, cfg: DictConfig,
-             tokenizer=None, references: list[str] | None = None) -> dict:
+             tokenizer=None, references: list[str] | None = None, shared_prompt: bool = True) -> dict:
     """Accuracy, loss and macro-F1 on a test split.
 
     classification: `eval_sets` is [the encoded split]. causal_lm: one encoded copy per label (each with that
     label's answer); the prediction is the label whose answer has the lowest per-token NLL, and the loss is
     the NLL of the true label's answer. Free-text datasets (dataset.answer_field), given the `tokenizer` and the
     `references` (data.reference_answers): exact match of the verdict and ROUGE-L of greedy answers.
+    Causal LMs read each prompt once for all candidates (`shared_prompt_scores`); `shared_prompt=False` runs
+    it once per candidate (the same scores, up to float rounding: scripts/bench.py measures both).
     """
-    dev, task = device(), cfg.model.task
+    task = cfg.model.task
     was_training = model.training
     model.eval()
-    scores = []
-    for eval_set in eval_sets:  # length-sorted batches, each trimmed to its longest example; order restored
-        tensors = eval_set.tensors
-        order = torch.argsort(tensors[1].sum(dim=1), descending=True, stable=True)
-        out = []
-        for part in order.split(cfg.eval.batch_size):
-            batch = trim_padding([t[part] for t in tensors], dev)
-            if task == "classification":
-                out.append(model(input_ids=batch[0], attention_mask=batch[1]).logits.float().cpu())
-            else:
-                out.append(-sequence_losses(model, batch, task).cpu())
-        sorted_scores = torch.cat(out)
-        restored = torch.empty_like(sorted_scores)
-        restored[order] = sorted_scores
-        scores.append(restored)
+    shared = None
+    if task == "causal_lm" and shared_prompt:
+        want_greedy = not (cfg.dataset.get("answer_field") and references is not None)
+        shared = shared_prompt_scores(model, eval_sets, cfg, want_greedy)
+    if shared is not None:
+        scores, greedy = shared
+    else:
+        scores, greedy = [separate_scores(model, eval_set, cfg) for eval_set in eval_sets], None
     extra = {}
     if task == "classification":
         scores = scores[0]
         loss = float(F.cross_entropy(scores, labels))
     else:
-        scores = torch.stack(scores, dim=1)  # (examples, labels): -NLL of each candidate answer
+        scores = scores if shared is not None else torch.stack(scores, dim=1)  # (examples, labels): -NLL of each
         loss = float(-scores.gather(1, labels[:, None]).mean())
         if cfg.dataset.get("answer_field") and references is not None:
             extra |= free_text_scores(model, eval_sets[0], labels, cfg, tokenizer, references)
+        elif greedy is not None:
+            extra["exact_match"] = matches(greedy, eval_sets, labels)
         else:
             extra["exact_match"] = exact_match(model, eval_sets, labels, cfg)
     model.train(was_training)
@@ -59,15 +57,124 @@ def evaluate(model: torch.nn.Module, eval_sets: list[TensorDataset], labels: tor
             "macro_f1": macro_f1(preds, labels, num_classes=scores.shape[1]), **extra}
 
 
+def separate_scores(model: torch.nn.Module, eval_set: TensorDataset, cfg: DictConfig) -> torch.Tensor:
+    """Logits (classification) or -NLL of the answer (causal LM) per example, from one pass over each whole
+    sequence: length-sorted batches, each trimmed to its longest example; the set's order restored."""
+    tensors, dev = eval_set.tensors, device()
+    order = torch.argsort(tensors[1].sum(dim=1), descending=True, stable=True)
+    out = []
+    for part in order.split(cfg.eval.batch_size):
+        batch = trim_padding([t[part] for t in tensors], dev)
+        if cfg.model.task == "classification":
+            out.append(model(input_ids=batch[0], attention_mask=batch[1]).logits.float().cpu())
+        else:
+            out.append(-sequence_losses(model, batch, cfg.model.task).cpu())
+    sorted_scores = torch.cat(out)
+    restored = torch.empty_like(sorted_scores)
+    restored[order] = sorted_scores
+    return restored
+
+
+def prompts_and_answers(eval_sets: list[TensorDataset]) -> tuple[list[torch.Tensor], list[torch.Tensor]] | None:
+    """(each example's prompt tokens, each label's answer tokens) when every candidate set holds the same prompts
+    and each label one answer for all examples (the encoding of data.test_sets); else None."""
+    prompts, answers = None, []
+    for eval_set in eval_sets:
+        ids, mask, labels = eval_set.tensors
+        prompt_mask = (mask * (labels == IGNORE_INDEX)).bool()
+        these = [ids[i][prompt_mask[i]] for i in range(len(ids))]
+        if prompts is not None and any(not torch.equal(a, b) for a, b in zip(prompts, these)):
+            return None
+        prompts = these
+        counts = (labels != IGNORE_INDEX).sum(dim=1)
+        if not len(ids) or not bool((counts == counts[0]).all()):
+            return None
+        answer = labels[labels != IGNORE_INDEX].view(len(ids), -1)
+        if not bool((answer == answer[0]).all()):
+            return None
+        answers.append(answer[0])
+    return prompts, answers
+
+
+@torch.no_grad()
+def shared_prompt_scores(model: torch.nn.Module, eval_sets: list[TensorDataset], cfg: DictConfig,
+                         greedy: bool) -> tuple[torch.Tensor, list[torch.Tensor] | None] | None:
+    """Causal LM, label likelihood with one pass over each prompt: the prompt's keys and values are computed once
+    and every candidate answer is scored on them (the same -NLL per answer token as `separate_scores`, which
+    runs the prompt once per candidate), and, with `greedy`, the greedy continuation as long as the longest
+    answer is decoded from them too (exact match). None where the sets do not share their prompts."""
+    found = prompts_and_answers(eval_sets)
+    if found is None:
+        return None
+    prompts, answers = found
+    dev, k = device(), len(answers)
+    steps = width_a = max(len(a) for a in answers)
+    cand = torch.full((k, width_a), 0, dtype=torch.long)
+    cand_mask = torch.zeros((k, width_a), dtype=torch.long)
+    for j, a in enumerate(answers):  # right-padded: padding after an answer changes none of its own logits
+        cand[j, :len(a)], cand_mask[j, :len(a)] = a, 1
+    cand, cand_mask = cand.to(dev), cand_mask.to(dev)
+    scores, continuations_out = torch.empty((len(prompts), k)), [None] * len(prompts)
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    for start in range(0, len(order), cfg.eval.batch_size):
+        part = order[start:start + cfg.eval.batch_size]
+        width = max(len(prompts[i]) for i in part)
+        ids = torch.zeros((len(part), width), dtype=torch.long)
+        mask = torch.zeros((len(part), width), dtype=torch.long)
+        for j, i in enumerate(part):  # left-padded, as in training
+            ids[j, width - len(prompts[i]):], mask[j, width - len(prompts[i]):] = prompts[i], 1
+        ids, mask = ids.to(dev), mask.to(dev)
+        lengths = mask.sum(dim=1)
+        out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
+                    use_cache=True, logits_to_keep=1)
+        first = out.logits[:, -1].float().log_softmax(-1)  # (b, vocab): the first answer token's distribution
+        cache = out.past_key_values
+        if greedy:  # decode on a copy; the candidates read the prompt's own keys and values
+            tokens = greedy_continue(model, copy.deepcopy(cache), first, mask, lengths, steps)
+            for j, i in enumerate(part):
+                continuations_out[i] = tokens[j].cpu()
+        b = len(part)
+        cache.batch_repeat_interleave(k)  # row r of the prompt batch -> rows r*k .. r*k + k-1
+        rows, rows_mask = cand.repeat(b, 1), cand_mask.repeat(b, 1)
+        full_mask = torch.cat([mask.repeat_interleave(k, 0), rows_mask], dim=1)
+        positions = lengths.repeat_interleave(k)[:, None] + torch.arange(width_a, device=dev)[None]
+        logits = model(input_ids=rows, attention_mask=full_mask, position_ids=positions,
+                       past_key_values=cache).logits.float().log_softmax(-1)
+        logp = torch.cat([first.repeat_interleave(k, 0).gather(1, rows[:, :1]),
+                          logits[:, :-1].gather(2, rows[:, 1:, None]).squeeze(2)], dim=1)
+        nll = -(logp * rows_mask).sum(1) / rows_mask.sum(1).clamp(min=1)
+        scores[part] = -nll.view(b, k).cpu()
+    return scores, (continuations_out if greedy else None)
+
+
+def greedy_continue(model, cache, first: torch.Tensor, mask: torch.Tensor, lengths: torch.Tensor,
+                    steps: int) -> torch.Tensor:
+    """`steps` greedy tokens after the prompts whose keys and values are in `cache` (first from `first`)."""
+    token = first.argmax(-1, keepdim=True)
+    tokens = [token]
+    for step in range(1, steps):
+        mask = torch.cat([mask, torch.ones_like(token)], dim=1)
+        logits = model(input_ids=token, attention_mask=mask, position_ids=(lengths + step - 1)[:, None],
+                       past_key_values=cache, use_cache=True).logits
+        token = logits[:, -1].argmax(-1, keepdim=True)
+        tokens.append(token)
+    return torch.cat(tokens, dim=1)
+
+
+def matches(generated: list[torch.Tensor], eval_sets: list[TensorDataset], labels: torch.Tensor) -> float:
+    """The share of examples whose greedy tokens begin with the true label's whole answer (EOS included)."""
+    truth = [eval_sets[int(y)].tensors[2][i] for i, y in enumerate(labels)]
+    truth = [t[t != IGNORE_INDEX] for t in truth]
+    return sum(len(g) >= len(t) and torch.equal(g[:len(t)], t) for g, t in zip(generated, truth)) / len(labels)
+
+
 @torch.no_grad()
 def exact_match(model: torch.nn.Module, eval_sets: list[TensorDataset], labels: torch.Tensor, cfg: DictConfig) -> float:
     """Causal LM: the share of examples whose greedy decoding, from the prompt alone, reproduces the true
     label's answer tokens exactly (the label and the end-of-sequence token), as FlowerTune-style generation
     benchmarks score."""
-    truth = [eval_sets[int(y)].tensors[2][i] for i, y in enumerate(labels)]
-    truth = [t[t != IGNORE_INDEX] for t in truth]
-    generated = continuations(model, eval_sets[0], cfg, max(len(t) for t in truth))
-    return sum(len(g) >= len(t) and torch.equal(g[:len(t)], t) for g, t in zip(generated, truth)) / len(labels)
+    longest = max(int((eval_sets[int(y)].tensors[2][i] != IGNORE_INDEX).sum()) for i, y in enumerate(labels))
+    return matches(continuations(model, eval_sets[0], cfg, longest), eval_sets, labels)
 
 
 @torch.no_grad()

