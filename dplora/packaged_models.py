@@ -74,21 +74,21 @@ def convert_gguf(source: Path, target: Path) -> None:
     except ImportError as err:
         raise ModelPackageError(f"model: reading {source.name} needs the gguf package: `pip install gguf`") from err
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from safetensors.torch import save_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
-    log.info("converting %s to an fp32 model folder at %s (once; about 20 s)", source.name, target)
+    hf_logging.disable_progress_bar()
+    log.info("converting %s to an fp32 model folder at %s (once; about 30 s)", source.name, target)
     folder, name = str(source.parent), source.name
-    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-    config = AutoConfig.from_pretrained(folder, gguf_file=name)
-    config.quantization_config = None  # de-quantized: a GGUF-loaded model refuses save_pretrained
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(loaded.state_dict())
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    if hasattr(model.config, "quantization_config"):  # de-quantized: the folder is an ordinary fp32 model
+        del model.config.quantization_config
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        model.save_pretrained(tmp)
+        model.config.save_pretrained(tmp)
+        save_model(model, str(tmp / "model.safetensors"))  # tied embeddings are stored once (safetensors)
         AutoTokenizer.from_pretrained(folder, gguf_file=name).save_pretrained(tmp)
         try:
             tmp.rename(target)

@@ -3,7 +3,8 @@
 # 5 data owners on IID shares, delta 1e-5, the LLM recipes (conf/recipe/llm-dp.yaml, llm-none.yaml), at a scale a
 # 2-core CPU runs: FPB (1,000 training sentences: 800 to 5 owners, 160 each, and 200 for validation), SST-2 (2,000:
 # 320 per owner) and PubMedQA as generative QA (pubmedqa-long: 800 abstracts, 128 per owner), at epsilon 8 and 1 and
-# non-private; every run's round 0 is the zero-shot start on the whole test split. Then the report.
+# non-private; every run's round 0 is the zero-shot start on the whole test split. Then the table
+# (scripts/llm_report.py: OUT_DIR/report/llm.md).
 #
 #   bash scripts/llm_results.sh [--dry-run] [OUT_DIR]       (default OUT_DIR: results/llm)
 #   LLM_MODEL=qwen2.5-0.5b LLM_SCALE=full bash scripts/llm_results.sh results/llm-gpu   (a GPU: see below)
@@ -84,7 +85,7 @@ stage pubmedqa-long "${pubmedqa[@]}" "${dp[@]}" privacy.target_epsilon=1,8 seed=
 stage pubmedqa-long-none "${pubmedqa[@]}" "${none[@]}" seed=0
 [[ $dry == 1 ]] && exit 0
 
-python scripts/report.py "$out" --out "$out/report"
+python scripts/llm_report.py "$out" --out "$out/report"
 if (( ${#failed[@]} )); then
   echo "[llm] failed stages: ${failed[*]} (their finished jobs are in the report; rerun to retry)" >&2
   exit 1

@@ -136,3 +136,34 @@ def test_targets_are_met_or_missed_with_the_numbers_that_decide(tmp_path):
                           "| 65.0 vs 59.4: +5.6 (2 seeds) | yes |")
     assert targets[4] == "| sst2-2000, epsilon 8 within 8 points of non-private | not run | not run | - |"
     assert "targets.md" in done.stdout
+
+
+def llm_job(folder, *, seed, epsilon, zero_shot, final, rounds=2, num_rounds=2):
+    folder.mkdir(parents=True)
+    config = {"seed": seed, "num_rounds": num_rounds, "dataset": {"name": "fpb", "max_train": 1000},
+              "model": {"name": "smollm2-135m-instruct"}, "privacy": {"target_epsilon": epsilon}}
+    clients = [] if epsilon is None else [{"epsilon": epsilon - 0.1}]
+    rounds_ = [{"round": 0, "accuracy": 0.3, "test_accuracy": zero_shot, "test_macro_f1": zero_shot / 2,
+                "test_exact_match": 0.0}]
+    rounds_ += [{"round": r, "accuracy": 0.7, "test_accuracy": final, "test_macro_f1": final - 0.1,
+                 "test_exact_match": final - 0.2, "clients": clients, "seconds": 50.0} for r in range(1, rounds + 1)]
+    (folder / "metrics.json").write_text(json.dumps({"config": config, "rounds": rounds_}))
+
+
+def test_llm_report_rows_hold_the_zero_shot_start_and_the_final_test_scores_over_seeds(tmp_path):
+    llm_job(tmp_path / "dp" / "0", seed=0, epsilon=8.0, zero_shot=0.25, final=0.70)
+    llm_job(tmp_path / "dp" / "1", seed=1, epsilon=8.0, zero_shot=0.25, final=0.80)
+    llm_job(tmp_path / "none" / "0", seed=0, epsilon=None, zero_shot=0.25, final=0.85)
+    llm_job(tmp_path / "killed" / "0", seed=2, epsilon=8.0, zero_shot=0.25, final=0.1, rounds=1)  # unfinished
+    run = subprocess.run([sys.executable, "scripts/llm_report.py", str(tmp_path), "--out", str(tmp_path / "r")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    rows = json.loads((tmp_path / "r" / "llm.json").read_text())["rows"]
+    dp, none = rows
+    assert (dp["target_epsilon"], dp["seeds"], none["target_epsilon"], none["seeds"]) == (8.0, 2, None, 1)
+    assert dp["zero_shot_accuracy"] == pytest.approx((25.0, 0.0))
+    assert dp["final_accuracy"][0] == pytest.approx(75.0) and dp["final_exact_match"][0] == pytest.approx(55.0)
+    assert dp["epsilon_spent"] == pytest.approx(7.9) and none["epsilon_spent"] is None
+    assert dp["seconds"] == pytest.approx(100.0) and dp["final_rouge_l"] is None
+    assert "unfinished: " in run.stdout and "killed" in run.stdout
+    assert "| fpb-1000 | 8 | 2 | 25.00 ± 0.00 | 75.00 ± 7.07 |" in (tmp_path / "r" / "llm.md").read_text()

@@ -242,3 +242,37 @@ def test_a_run_recorded_before_the_sweep_settings_left_the_config_still_counts_a
     (tmp_path / "metrics.json").write_text(json.dumps({"config": record, "rounds": rounds}))
     assert finished_run(tmp_path, on, 2) is not None
     assert finished_run(tmp_path, on.replace("owners_per_round=2", "owners_per_round=3"), 2) is None
+
+
+def test_the_llm_grid_composes_every_job_on_the_llm_recipes(tmp_path, packaged_llm):
+    """scripts/llm_results.sh --dry-run: every stage's sweep parses with Hydra's grammar and every job composes;
+    DP jobs train on recipe=llm-dp, non-private ones on llm-none; all score validation and test."""
+    import itertools
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    for name in ("fpb", "sst2", "pubmedqa"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "train.jsonl").write_text("")
+    env = {**os.environ, "DPLORA_SHARED_DATA": str(tmp_path)}
+    proc = subprocess.run(["bash", "scripts/llm_results.sh", "--dry-run", str(tmp_path / "out")], cwd=ROOT,
+                          capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr
+    parser, jobs = OverridesParser.create(), []
+    for command in proc.stdout.splitlines():
+        overrides = parser.parse_overrides(command.split()[3:])
+        choices = [[f"{o.get_key_element()}={v}" for v in (o.sweep_string_iterator() if o.is_sweep_override()
+                                                           else [o.get_value_element_as_str()])]
+                   for o in overrides if not o.get_key_element().startswith(("hydra", "sweep."))]
+        jobs += [config.compose(list(job)) for job in itertools.product(*choices)]
+    assert len(jobs) == 15 and not (tmp_path / "out").exists()
+    dp, none = (OmegaConf.load(config.CONF_DIR / "recipe" / f"llm-{name}.yaml") for name in ("dp", "none"))
+    for cfg in jobs:
+        recipe = none if cfg.privacy.target_epsilon is None else dp
+        assert cfg.model.name == "smollm2-135m-instruct" and cfg.model.chat_template
+        assert (cfg.train.learning_rate, cfg.num_rounds, cfg.model.lora.layers) == \
+            (recipe.train.learning_rate, recipe.num_rounds, recipe.model.lora.layers)
+        assert cfg.eval.split == "validation" and cfg.eval.also_test
+    assert {(c.dataset.name, c.privacy.target_epsilon) for c in jobs} == \
+        {(d, e) for d in ("fpb", "sst2", "pubmedqa-long") for e in (1.0, 8.0, None)}
+    assert sum(c.dataset.name == "fpb" for c in jobs) == 9  # three seeds of each FPB arm
