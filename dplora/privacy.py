@@ -24,7 +24,6 @@ import torch
 from flwr.app import ConfigRecord
 from omegaconf import DictConfig
 from opacus.accountants import create_accountant
-from opacus.accountants.utils import get_noise_multiplier
 from opacus.data_loader import DPDataLoader
 from opacus.grad_sample.utils import prepare_module
 from opacus.optimizers import DPOptimizerFastGradientClipping, get_optimizer_class
@@ -32,6 +31,7 @@ from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
 from opacus.validators import ModuleValidator
 from torch.utils.data import Dataset
 
+from . import calibration
 from .protocol import PRIVACY_KEYS
 
 STATE_KEY = "privacy"  # key of the account's ConfigRecord in context.state
@@ -122,12 +122,8 @@ class PrivacyAccount:
         """Calibrate the noise once so that all `planned_steps` steps stay within the target epsilon; every input
         is public (configuration): the noise multiplier does not depend on the owner's data."""
         p, sigma = privacy_cfg, 0.0
-        if p.target_epsilon is not None:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", UserWarning)
-                sigma = get_noise_multiplier(target_epsilon=p.target_epsilon, target_delta=p.delta,
-                                             sample_rate=sample_rate, steps=planned_steps, accountant=p.accountant,
-                                             epsilon_tolerance=0.005 * p.target_epsilon)
+        if p.target_epsilon is not None:  # Opacus' calibration, remembered and checked (dplora/calibration.py)
+            sigma = calibration.noise_multiplier(p.target_epsilon, p.delta, sample_rate, planned_steps, p.accountant)
         return cls(target_epsilon=p.target_epsilon, delta=p.delta, max_grad_norm=p.max_grad_norm,
                    accountant=p.accountant, noise_multiplier=float(sigma), sample_rate=sample_rate,
                    planned_steps=planned_steps)

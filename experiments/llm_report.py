@@ -22,7 +22,7 @@ METRICS = ("accuracy", "macro_f1", "exact_match", "rouge_l")
 
 def job_row(metrics: dict) -> dict:
     cfg = metrics["config"]
-    first, last = metrics["rounds"][0], metrics["rounds"][-1]
+    first, last = metrics.get("initial") or {}, metrics["rounds"][-1]  # the zero-shot start: round 0
     dataset = cfg["dataset"]["name"] + (f"-{cfg['dataset']['max_train']}" if cfg["dataset"].get("max_train") else "")
     eps = [c["epsilon"] for r in metrics["rounds"] for c in r.get("clients", []) if c.get("epsilon") is not None]
     return {"dataset": dataset, "model": cfg["model"]["name"], "target_epsilon": cfg["privacy"]["target_epsilon"],

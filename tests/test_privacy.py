@@ -278,3 +278,28 @@ def test_verify_privacy_allows_prv_its_eps_error_above_and_nothing_below(account
         assert verify_privacy.pld_epsilon(sigma, q, steps, delta) < 0.9 * derived
     assert not check(derived * 0.97)  # understating what was spent
     assert not check(1.01)  # above the run's target
+
+
+def test_the_calibration_memo_gives_opacus_sigma_and_never_trusts_an_entry_that_breaks_the_budget(tmp_path,
+                                                                                                   monkeypatch):
+    from opacus.accountants.utils import get_noise_multiplier
+
+    from dplora import calibration
+    from dplora.privacy import epsilon
+
+    memo = tmp_path / "memo.json"
+    monkeypatch.setenv("DPLORA_CALIBRATION_CACHE", str(memo))
+    monkeypatch.setattr(calibration, "_verified", {})
+    args = (4.0, 1e-5, 0.2, 30, "rdp")
+    direct = get_noise_multiplier(target_epsilon=4.0, target_delta=1e-5, sample_rate=0.2, steps=30,
+                                  accountant="rdp", epsilon_tolerance=0.02)
+    assert calibration.noise_multiplier(*args) == direct and memo.is_file()
+    (key,) = json.loads(memo.read_text())
+    memo.write_text(json.dumps({key: direct / 3}))  # an edited entry: far too little noise
+    monkeypatch.setattr(calibration, "_verified", {})
+    assert calibration.noise_multiplier(*args) == direct  # checked, refused, recomputed
+    assert json.loads(memo.read_text())[key] == direct and epsilon(direct, 0.2, 30, 1e-5, "rdp") <= 4.0
+    monkeypatch.setenv("DPLORA_CALIBRATION_CACHE", str(tmp_path / "file" / "under" / "a" / "file"))
+    (tmp_path / "file").write_text("not a folder")  # an unwritable cache costs time, not the run
+    monkeypatch.setattr(calibration, "_verified", {})
+    assert calibration.noise_multiplier(*args) == direct

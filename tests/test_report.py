@@ -143,11 +143,10 @@ def llm_job(folder, *, seed, epsilon, zero_shot, final, rounds=2, num_rounds=2):
     config = {"seed": seed, "num_rounds": num_rounds, "dataset": {"name": "fpb", "max_train": 1000},
               "model": {"name": "smollm2-135m-instruct"}, "privacy": {"target_epsilon": epsilon}}
     clients = [] if epsilon is None else [{"epsilon": epsilon - 0.1}]
-    rounds_ = [{"round": 0, "accuracy": 0.3, "test_accuracy": zero_shot, "test_macro_f1": zero_shot / 2,
-                "test_exact_match": 0.0}]
-    rounds_ += [{"round": r, "accuracy": 0.7, "test_accuracy": final, "test_macro_f1": final - 0.1,
+    initial = {"accuracy": 0.3, "test_accuracy": zero_shot, "test_macro_f1": zero_shot / 2, "test_exact_match": 0.0}
+    rounds_ = [{"round": r, "accuracy": 0.7, "test_accuracy": final, "test_macro_f1": final - 0.1,
                  "test_exact_match": final - 0.2, "clients": clients, "seconds": 50.0} for r in range(1, rounds + 1)]
-    (folder / "metrics.json").write_text(json.dumps({"config": config, "rounds": rounds_}))
+    (folder / "metrics.json").write_text(json.dumps({"config": config, "initial": initial, "rounds": rounds_}))
 
 
 def test_llm_report_rows_hold_the_zero_shot_start_and_the_final_test_scores_over_seeds(tmp_path):
