@@ -326,6 +326,7 @@ LEVERS = {  # name -> (overrides, answer-only logits): today's causal-LM path fi
     "micro_batch_4": ("train.micro_batch_size=4", True),
     "top_8_layers": ("model.lora.layers=8", True),
     "top_4_layers": ("model.lora.layers=4", True),
+    "top_8_layers_micro_batch_4": ("model.lora.layers=8 train.micro_batch_size=4", True),  # two levers at once
 }
 
 
@@ -337,13 +338,16 @@ def llm_levers(model_name: str, quick: bool) -> dict:
     fpb = fpb_overrides()
     base = f"{PLAIN} model={model_name} {fpb} train.batch_size={batch}"
     built: dict[str, tuple] = {}
+    composed: dict[tuple[str, bool], object] = {}
     seconds: dict[str, list[float]] = {}
-    for repeat in range(repeats + 1):  # repeat 0 warms up every variant and is not counted
+    first = 0 if quick else 1  # repeat 0 warms up every variant and is not counted (quick: no warm-up)
+    architecture = config.compose(base).model.get("architecture") or {}
+    count = architecture.get("num_hidden_layers") if architecture else None  # a tiny test model has 2 layers
+    for repeat in range(1 - first, repeats + 1):
         for lever, (overrides, answer_only) in LEVERS.items():
-            layers = overrides if overrides.startswith("model.") else ""
-            if layers:  # at most the model's own layer count (a tiny test model has 2)
-                count = config.compose(base).model.get("architecture") or {}
-                count = count.get("num_hidden_layers") if count else None
+            layers = next((o for o in overrides.split() if o.startswith("model.lora.layers=")), "")
+            others = " ".join(o for o in overrides.split() if o != layers)
+            if layers:  # at most the model's own layer count
                 layers = f"model.lora.layers={min(int(layers.split('=')[1]), count or 10**6)}"
             if layers not in built:
                 cfg = config.compose(f"{base} {layers}")
@@ -354,8 +358,11 @@ def llm_levers(model_name: str, quick: bool) -> dict:
             model, train_set, start_state = built[layers]
             q = batch / len(train_set)
             for private in (False, True):
-                run_cfg = config.compose(f"{base} {layers or overrides} train.sample_rate={q} "
-                                         + ("privacy.target_epsilon=8" if private else "privacy=none"))
+                if (lever, private) not in composed:
+                    composed[lever, private] = config.compose(
+                        f"{base} {layers} {others} train.sample_rate={q} "
+                        + ("privacy.target_epsilon=8" if private else "privacy=none"))
+                run_cfg = composed[lever, private]
                 models.load_adapter_state(model, start_state)
                 account = PrivacyAccount.plan(run_cfg.privacy, q, steps)
                 result = train_round(model, train_set, run_cfg, account, seed=repeat, steps=steps,

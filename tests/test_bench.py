@@ -34,3 +34,18 @@ def test_quick_benchmark_writes_every_figure(tmp_path):
         padding = result["padding"][name]
         assert 1 <= result["tokens_computed_per_real_token"][name] <= padding["tokens_padded_per_real_token"]
         assert math.isfinite(result["train_speedup_vs_padded"][name]) and padding["dp_ratio_micro_batched"] > 0
+
+
+def test_quick_llm_levers_measure_every_lever_dp_and_non_private(tmp_path):
+    """Section 7 (--llm) on tiny-llama: examples/s for every lever, DP and not, and the ratios beside them."""
+    out = tmp_path / "llm.json"
+    run = subprocess.run([sys.executable, "scripts/bench.py", "--quick", "--llm", "tiny-llama", "--out", str(out)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    levers = json.loads(out.read_text())["llm_levers"]
+    from experiments.bench import LEVERS
+    rates = levers["examples_per_second"]
+    assert set(rates) == {f"{arm}:{lever}" for arm in ("dp", "non_private") for lever in LEVERS}
+    assert all(math.isfinite(r) and r > 0 for r in rates.values())
+    assert levers["dp_speedup_vs_baseline"]["baseline"] == 1.0 and set(levers["dp_ratio"]) == set(LEVERS)
+    assert "tiny-llama, top_8_layers_micro_batch_4" in run.stdout
