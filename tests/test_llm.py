@@ -180,3 +180,11 @@ def test_an_owner_logs_its_progress_within_a_round(tiny_cfg, monkeypatch, caplog
     progress = [r.getMessage() for r in caplog.records if "examples/s" in r.getMessage()]
     assert progress and progress[0].startswith("owner 0, round 1: step 1 of ")
     assert "s left" in progress[0]
+
+
+def test_the_llm_probe_refuses_bad_trials_before_building_anything(tmp_path):
+    for args, message in ((["--trials", "dp:abc"], "ARM:LR pairs"), (["--trials", "adam:0.1"], "dp:LR or none:LR"),
+                          (["--steps", "0"], "--steps must be >= 1")):
+        run = subprocess.run([sys.executable, "scripts/llm_probe.py", str(tmp_path / "p.json"), *args], cwd=ROOT,
+                             capture_output=True, text=True, timeout=120)
+        assert run.returncode == 2 and message in run.stderr and not (tmp_path / "p.json").exists()
