@@ -182,9 +182,10 @@ def test_an_owner_logs_its_progress_within_a_round(tiny_cfg, monkeypatch, caplog
     assert "s left" in progress[0]
 
 
-def test_the_llm_probe_refuses_bad_trials_before_building_anything(tmp_path):
+def test_the_llm_probe_refuses_bad_trials_before_building_anything(tmp_path, capsys):
+    from experiments import llm_probe
     for args, message in ((["--trials", "dp:abc"], "ARM:LR pairs"), (["--trials", "adam:0.1"], "dp:LR or none:LR"),
                           (["--steps", "0"], "--steps must be >= 1")):
-        run = subprocess.run([sys.executable, "scripts/llm_probe.py", str(tmp_path / "p.json"), *args], cwd=ROOT,
-                             capture_output=True, text=True, timeout=120)
-        assert run.returncode == 2 and message in run.stderr and not (tmp_path / "p.json").exists()
+        with pytest.raises(SystemExit) as stop:
+            llm_probe.main([str(tmp_path / "p.json"), *args])
+        assert stop.value.code == 2 and message in capsys.readouterr().err and not (tmp_path / "p.json").exists()
