@@ -52,27 +52,8 @@ else
   fpb=(dataset=fpb dataset.max_train=1000) sst2=(dataset=sst2 dataset.max_train=2000) pubmedqa=(dataset=pubmedqa-long)
 fi
 
-failed=()
-stage() {  # stage NAME OVERRIDES...: one multirun into $out/NAME, skipped if it finished before
-  local name=$1; shift
-  if [[ $dry == 1 ]]; then
-    echo "python scripts/sweep.py -m ${common[*]} $* hydra.sweep.dir=$out/$name"
-    return
-  fi
-  if [[ -f "$out/$name/stage.done" ]]; then
-    echo "[llm] stage $name: finished before, skipped"
-    return
-  fi
-  echo "[llm] stage $name: $*"
-  local start=$SECONDS
-  if python scripts/sweep.py -m "${common[@]}" "$@" "hydra.sweep.dir=$out/$name"; then
-    touch "$out/$name/stage.done"
-    echo "[llm] stage $name: done in $((SECONDS - start)) s"
-  else
-    failed+=("$name")
-    echo "[llm] stage $name: FAILED (rerun the script to retry it)" >&2
-  fi
-}
+tag=llm
+source scripts/stage.sh  # stage NAME OVERRIDES...: one multirun into $out/NAME, skipped if it finished before
 
 stage fpb-seed0 "${fpb[@]}" "${dp[@]}" privacy.target_epsilon=8 seed=0
 stage fpb-none-seed0 "${fpb[@]}" "${none[@]}" seed=0

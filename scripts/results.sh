@@ -51,27 +51,8 @@ sst2k10=(dataset=sst2 dataset.max_train=10000)
 sst2none=(train.sample_rate=0.5)
 skew=(partitioner=dirichlet partitioner.alpha=0.5 strategy=fedprox)
 
-failed=()
-stage() {  # stage NAME OVERRIDES...: one multirun into $out/NAME, skipped if it finished before
-  local name=$1; shift
-  if [[ $dry == 1 ]]; then
-    echo "python scripts/sweep.py -m ${common[*]} $* hydra.sweep.dir=$out/$name"
-    return
-  fi
-  if [[ -f "$out/$name/stage.done" ]]; then
-    echo "[results] stage $name: finished before, skipped"
-    return
-  fi
-  echo "[results] stage $name: $*"
-  local start=$SECONDS
-  if python scripts/sweep.py -m "${common[@]}" "$@" "hydra.sweep.dir=$out/$name"; then
-    touch "$out/$name/stage.done"
-    echo "[results] stage $name: done in $((SECONDS - start)) s"
-  else
-    failed+=("$name")
-    echo "[results] stage $name: FAILED (rerun the script to retry it)" >&2
-  fi
-}
+tag=results
+source scripts/stage.sh  # stage NAME OVERRIDES...: one multirun into $out/NAME, skipped if it finished before
 
 # A first look (36 jobs): IID shares, every epsilon, three seeds ...
 stage fpb-iid-dp dataset=fpb partitioner=iid "${dp[@]}" $seeds
