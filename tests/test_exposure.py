@@ -1,4 +1,4 @@
-"""Exposure (dplora/exposure.py) against cases whose rank is known, and the skew-normal extrapolation against
+"""Exposure (experiments/exposure.py) against cases whose rank is known, and the skew-normal extrapolation against
 enumerating a whole (small) secret space."""
 
 import math
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from dplora import exposure
+from experiments import exposure
 
 
 def test_rank_and_exposure_of_a_known_case():
