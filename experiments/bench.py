@@ -330,10 +330,11 @@ LEVERS = {  # name -> (overrides, answer-only logits): today's causal-LM path fi
 }
 
 
-def llm_levers(model_name: str, quick: bool) -> dict:
+def llm_levers(model_name: str, quick: bool, only: list[str] | None = None) -> dict:
     """Training examples/s of a causal LM on FPB prompts (../shared/data; synthetic where absent), non-private
-    and DP, for each lever in LEVERS against today's path (`baseline`); interleaved repeats, medians. The
-    same Poisson batches (seeded) for every variant."""
+    and DP, for each lever in LEVERS (or `only` those) against today's path (`baseline`, always measured);
+    interleaved repeats, medians. The same Poisson batches (seeded) for every variant."""
+    levers = {k: v for k, v in LEVERS.items() if only is None or k == "baseline" or k in only}
     batch, steps, repeats = (8, 1, 1) if quick else (16, 3, 2)
     fpb = fpb_overrides()
     base = f"{PLAIN} model={model_name} {fpb} train.batch_size={batch}"
@@ -344,7 +345,7 @@ def llm_levers(model_name: str, quick: bool) -> dict:
     architecture = config.compose(base).model.get("architecture") or {}
     count = architecture.get("num_hidden_layers") if architecture else None  # a tiny test model has 2 layers
     for repeat in range(1 - first, repeats + 1):
-        for lever, (overrides, answer_only) in LEVERS.items():
+        for lever, (overrides, answer_only) in levers.items():
             layers = next((o for o in overrides.split() if o.startswith("model.lora.layers=")), "")
             others = " ".join(o for o in overrides.split() if o != layers)
             if layers:  # at most the model's own layer count
@@ -373,8 +374,8 @@ def llm_levers(model_name: str, quick: bool) -> dict:
     rate = {k: 1 / statistics.median(v) for k, v in seconds.items()}
     out = {"model": model_name, "dataset": fpb.split()[0], "batch_size": batch, "steps": steps, "repeats": repeats,
            "examples_per_second": rate,
-           "dp_ratio": {lever: rate[f"non_private:{lever}"] / rate[f"dp:{lever}"] for lever in LEVERS},
-           "dp_speedup_vs_baseline": {lever: rate[f"dp:{lever}"] / rate["dp:baseline"] for lever in LEVERS}}
+           "dp_ratio": {lever: rate[f"non_private:{lever}"] / rate[f"dp:{lever}"] for lever in levers},
+           "dp_speedup_vs_baseline": {lever: rate[f"dp:{lever}"] / rate["dp:baseline"] for lever in levers}}
     log(f"  DP examples/s vs baseline {fmt(out['dp_speedup_vs_baseline'])}; DP / non-private {fmt(out['dp_ratio'])}")
     return out
 
@@ -506,7 +507,7 @@ def table(result: dict) -> str:
                      f"DP / non-private (micro-batched) {r['dp_ratio_micro_batched']:.2f}x |")
     if "llm_levers" in result:
         r = result["llm_levers"]
-        for lever in LEVERS:
+        for lever in r["dp_ratio"]:
             lines.append(f"| {r['model']}, {lever}: examples/s non-private / DP | "
                          f"{r['examples_per_second']['non_private:' + lever]:.2f} / "
                          f"{r['examples_per_second']['dp:' + lever]:.2f}; DP {r['dp_speedup_vs_baseline'][lever]:.2f}x "
@@ -533,16 +534,20 @@ def main() -> None:
                              "none: the Flower figures only)")
     parser.add_argument("--llm", nargs="?", const="smollm2-135m-instruct", default=None, metavar="MODEL",
                         help="section 7 only: the LLM levers on a causal LM (default smollm2-135m-instruct; ~5 min)")
+    parser.add_argument("--levers", nargs="+", choices=[k for k in LEVERS if k != "baseline"], default=None,
+                        help="with --llm: only these levers (beside the baseline, always measured)")
     parser.add_argument("--micro-batch-size", type=int, default=None,
                         help="examples per micro-batch in the padding figures (default: train.micro_batch_size)")
     args = parser.parse_args()
     if args.micro_batch_size is not None and args.micro_batch_size < 1:
         parser.error("--micro-batch-size must be >= 1")
+    if args.levers and not args.llm:
+        parser.error("--levers picks LLM levers: use it with --llm")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     if args.llm:
         log(f"LLM levers: {args.llm}")
-        result = {"quick": args.quick, "llm_levers": llm_levers(args.llm, args.quick)}
+        result = {"quick": args.quick, "llm_levers": llm_levers(args.llm, args.quick, args.levers)}
     else:
         result = run(args.quick, tuple(args.models), flower=not args.skip_flower, micro=args.micro_batch_size,
                      upload_only=args.upload_only)

@@ -49,3 +49,17 @@ def test_quick_llm_levers_measure_every_lever_dp_and_non_private(tmp_path):
     assert all(math.isfinite(r) and r > 0 for r in rates.values())
     assert levers["dp_speedup_vs_baseline"]["baseline"] == 1.0 and set(levers["dp_ratio"]) == set(LEVERS)
     assert "tiny-llama, top_8_layers_micro_batch_4" in run.stdout
+
+
+def test_llm_levers_subset_keeps_the_baseline_beside_it():
+    from experiments.bench import llm_levers
+    levers = llm_levers("tiny-llama", quick=True, only=["top_8_layers"])
+    assert set(levers["dp_ratio"]) == {"baseline", "top_8_layers"}
+    assert set(levers["examples_per_second"]) == {f"{a}:{l}" for a in ("dp", "non_private")
+                                                  for l in ("baseline", "top_8_layers")}
+
+
+def test_levers_without_llm_is_refused():
+    run = subprocess.run([sys.executable, "scripts/bench.py", "--levers", "top_8_layers", "--out", "/tmp/x.json"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "use it with --llm" in run.stderr
