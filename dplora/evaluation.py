@@ -102,7 +102,9 @@ def shared_prompt_scores(model: torch.nn.Module, eval_sets: list[TensorDataset],
     """Causal LM, label likelihood with one pass over each prompt: the prompt's keys and values are computed once
     and every candidate answer is scored on them (the same -NLL per answer token as `separate_scores`, which
     runs the prompt once per candidate), and, with `greedy`, the greedy continuation as long as the longest
-    answer is decoded from them too (exact match). None where the sets do not share their prompts."""
+    answer is decoded from them too (exact match). The tokens every prompt begins with (the chat template's
+    system turn and the dataset's prompt up to the text: about half of an FPB prompt) are computed once for the
+    whole split. None where the sets do not share their prompts."""
     found = prompts_and_answers(eval_sets)
     if found is None:
         return None
@@ -115,17 +117,30 @@ def shared_prompt_scores(model: torch.nn.Module, eval_sets: list[TensorDataset],
         cand[j, :len(a)], cand_mask[j, :len(a)] = a, 1
     cand, cand_mask = cand.to(dev), cand_mask.to(dev)
     scores, continuations_out = torch.empty((len(prompts), k)), [None] * len(prompts)
+    shared_len = common_prefix_length(prompts)
+    prefix_cache = None
+    if shared_len:
+        prefix_cache = model(input_ids=prompts[0][None, :shared_len].to(dev), use_cache=True,
+                             logits_to_keep=1).past_key_values
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     for start in range(0, len(order), cfg.eval.batch_size):
         part = order[start:start + cfg.eval.batch_size]
-        width = max(len(prompts[i]) for i in part)
-        ids = torch.zeros((len(part), width), dtype=torch.long)
-        mask = torch.zeros((len(part), width), dtype=torch.long)
-        for j, i in enumerate(part):  # left-padded, as in training
-            ids[j, width - len(prompts[i]):], mask[j, width - len(prompts[i]):] = prompts[i], 1
+        b = len(part)
+        width = max(len(prompts[i]) for i in part) - shared_len
+        ids = torch.zeros((b, width), dtype=torch.long)
+        mask = torch.zeros((b, width), dtype=torch.long)
+        for j, i in enumerate(part):  # each prompt's own tokens, left-padded after the shared ones
+            rest = prompts[i][shared_len:]
+            ids[j, width - len(rest):], mask[j, width - len(rest):] = rest, 1
         ids, mask = ids.to(dev), mask.to(dev)
+        positions = shared_len + (mask.cumsum(1) - 1).clamp(min=0)
+        cache = None
+        if prefix_cache is not None:
+            cache = copy.deepcopy(prefix_cache)
+            cache.batch_repeat_interleave(b)
+            mask = torch.cat([torch.ones((b, shared_len), dtype=torch.long, device=dev), mask], dim=1)
         lengths = mask.sum(dim=1)
-        out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
                     use_cache=True, logits_to_keep=1)
         first = out.logits[:, -1].float().log_softmax(-1)  # (b, vocab): the first answer token's distribution
         cache = out.past_key_values
@@ -133,7 +148,6 @@ def shared_prompt_scores(model: torch.nn.Module, eval_sets: list[TensorDataset],
             tokens = greedy_continue(model, copy.deepcopy(cache), first, mask, lengths, steps)
             for j, i in enumerate(part):
                 continuations_out[i] = tokens[j].cpu()
-        b = len(part)
         cache.batch_repeat_interleave(k)  # row r of the prompt batch -> rows r*k .. r*k + k-1
         rows, rows_mask = cand.repeat(b, 1), cand_mask.repeat(b, 1)
         full_mask = torch.cat([mask.repeat_interleave(k, 0), rows_mask], dim=1)
@@ -145,6 +159,17 @@ def shared_prompt_scores(model: torch.nn.Module, eval_sets: list[TensorDataset],
         nll = -(logp * rows_mask).sum(1) / rows_mask.sum(1).clamp(min=1)
         scores[part] = -nll.view(b, k).cpu()
     return scores, (continuations_out if greedy else None)
+
+
+def common_prefix_length(prompts: list[torch.Tensor]) -> int:
+    """How many tokens every prompt begins with, leaving each at least one token of its own."""
+    shortest = min(len(p) for p in prompts)
+    first = prompts[0][:shortest]
+    same = torch.ones(shortest, dtype=torch.bool)
+    for p in prompts[1:]:
+        same &= p[:shortest] == first
+    n = int(same.int().cumprod(0).sum()) if shortest else 0
+    return min(n, shortest - 1)
 
 
 def greedy_continue(model, cache, first: torch.Tensor, mask: torch.Tensor, lengths: torch.Tensor,

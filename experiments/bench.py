@@ -380,6 +380,32 @@ def llm_levers(model_name: str, quick: bool, only: list[str] | None = None) -> d
     return out
 
 
+def llm_evaluation(model_name: str, quick: bool) -> dict:
+    """The server's scoring of a causal LM on FPB's first test sentences, side by side: each prompt read once for
+    every candidate, its shared first tokens once for the whole split (`evaluate`'s default) against one pass
+    per candidate (`shared_prompt=False`); seconds, the ratio, and that both score the same."""
+    rows = 16 if quick else 64
+    cfg = config.compose(f"{PLAIN} model={model_name} {fpb_overrides()}")
+    model, tokenizer = models.build_model(cfg, device())
+    sets, labels = data.test_sets(cfg, tokenizer, "test")
+    sets = [torch.utils.data.TensorDataset(*(t[:rows] for t in s.tensors)) for s in sets]
+    labels = labels[:rows]
+    evaluate(model, [torch.utils.data.TensorDataset(*(t[:4] for t in s.tensors)) for s in sets], labels[:4], cfg)
+    began = time.perf_counter()
+    shared = evaluate(model, sets, labels, cfg)
+    middle = time.perf_counter()
+    separate = evaluate(model, sets, labels, cfg, shared_prompt=False)
+    end = time.perf_counter()
+    out = {"model": model_name, "rows": rows, "shared_seconds": middle - began, "separate_seconds": end - middle,
+           "speedup": (end - middle) / (middle - began),
+           "same_predictions": shared["accuracy"] == separate["accuracy"]
+           and shared["exact_match"] == separate["exact_match"],
+           "loss_relative_difference": abs(shared["loss"] - separate["loss"]) / abs(separate["loss"])}
+    log(f"  scoring {rows} FPB test sentences: {out['shared_seconds']:.1f} s shared, {out['separate_seconds']:.1f} s "
+        f"one pass per candidate ({out['speedup']:.2f}x)")
+    return out
+
+
 # ------------------------------------------------------------------------------------------- the suite
 
 def upload_figures(result: dict, model_names: tuple[str, ...], fpb: str) -> None:
@@ -512,6 +538,11 @@ def table(result: dict) -> str:
                          f"{r['examples_per_second']['non_private:' + lever]:.2f} / "
                          f"{r['examples_per_second']['dp:' + lever]:.2f}; DP {r['dp_speedup_vs_baseline'][lever]:.2f}x "
                          f"baseline's; DP / non-private step {r['dp_ratio'][lever]:.2f}x |")
+    if "llm_evaluation" in result:
+        r = result["llm_evaluation"]
+        lines.append(f"| {r['model']}, scoring {r['rows']} test sentences: shared prompt / one pass per candidate | "
+                     f"{r['shared_seconds']:.1f} s / {r['separate_seconds']:.1f} s ({r['speedup']:.2f}x), same "
+                     f"predictions: {r['same_predictions']} |")
     lines.append("| headline | " + ", ".join(f"{k} {result[k]:.5g}" for k in HEADLINE if k in result) + " |")
     return "\n".join(lines)
 
@@ -547,7 +578,8 @@ def main() -> None:
     start = time.perf_counter()
     if args.llm:
         log(f"LLM levers: {args.llm}")
-        result = {"quick": args.quick, "llm_levers": llm_levers(args.llm, args.quick, args.levers)}
+        result = {"quick": args.quick, "llm_evaluation": llm_evaluation(args.llm, args.quick),
+                  "llm_levers": llm_levers(args.llm, args.quick, args.levers)}
     else:
         result = run(args.quick, tuple(args.models), flower=not args.skip_flower, micro=args.micro_batch_size,
                      upload_only=args.upload_only)

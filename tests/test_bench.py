@@ -42,7 +42,11 @@ def test_quick_llm_levers_measure_every_lever_dp_and_non_private(tmp_path):
     run = subprocess.run([sys.executable, "scripts/bench.py", "--quick", "--llm", "tiny-llama", "--out", str(out)],
                          cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    levers = json.loads(out.read_text())["llm_levers"]
+    result = json.loads(out.read_text())
+    levers = result["llm_levers"]
+    scoring = result["llm_evaluation"]  # the shared-prompt scoring against one pass per candidate, same scores
+    assert scoring["same_predictions"] and scoring["loss_relative_difference"] < 1e-3
+    assert scoring["shared_seconds"] > 0 and scoring["separate_seconds"] > 0
     from experiments.bench import LEVERS
     rates = levers["examples_per_second"]
     assert set(rates) == {f"{arm}:{lever}" for arm in ("dp", "non_private") for lever in LEVERS}
