@@ -30,7 +30,7 @@ def job_row(metrics: dict) -> dict:
             "zero_shot": {m: first.get(f"test_{m}") for m in METRICS if f"test_{m}" in first},
             "final": {m: last.get(f"test_{m}") for m in METRICS if f"test_{m}" in last},
             "validation_accuracy": last.get("accuracy"), "epsilon_spent": max(eps) if eps else None,
-            "seconds": sum(r.get("seconds", 0) or 0 for r in metrics["rounds"])}
+            "seconds": last.get("seconds") or 0}  # metrics.json records seconds since the run began
 
 
 def collect(folder: Path) -> tuple[list[dict], list[str]]:
