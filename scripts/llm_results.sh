@@ -10,7 +10,8 @@
 #   bash scripts/llm_results.sh [--dry-run] [OUT_DIR]       (default OUT_DIR: results/llm)
 #   LLM_MODEL=qwen2.5-0.5b LLM_SCALE=full bash scripts/llm_results.sh results/llm-gpu   (a GPU: see below)
 #
-# Stages run most-wanted first (FPB seed 0 at epsilon 8 and non-private, then the other seeds, SST-2, PubMedQA).
+# Stages run most-wanted first (seed 0 at epsilon 8 and non-private on FPB, SST-2 and PubMedQA; then epsilon 1;
+# then FPB's seeds 1 and 2).
 # Each stage is one Hydra multirun of full `flwr run` simulations (scripts/sweep.py) in OUT_DIR/<stage>/; a
 # finished stage is marked (stage.done) and skipped when the script runs again, and within a stage every
 # finished job is skipped, so a killed grid continues with the job it was in. A failed stage is retried next
@@ -58,13 +59,15 @@ source scripts/stage.sh  # stage NAME OVERRIDES...: one multirun into $out/NAME,
 
 stage fpb-seed0 "${fpb[@]}" "${dp[@]}" privacy.target_epsilon=8 seed=0
 stage fpb-none-seed0 "${fpb[@]}" "${none[@]}" seed=0
+stage sst2-2000-seed0 "${sst2[@]}" "${dp[@]}" privacy.target_epsilon=8 seed=0
+stage sst2-2000-none-seed0 "${sst2[@]}" "${none[@]}" seed=0
+stage pubmedqa-long-seed0 "${pubmedqa[@]}" "${dp[@]}" privacy.target_epsilon=8 seed=0
+stage pubmedqa-long-none-seed0 "${pubmedqa[@]}" "${none[@]}" seed=0
 stage fpb-eps1-seed0 "${fpb[@]}" "${dp[@]}" privacy.target_epsilon=1 seed=0
+stage sst2-2000-eps1-seed0 "${sst2[@]}" "${dp[@]}" privacy.target_epsilon=1 seed=0
+stage pubmedqa-long-eps1-seed0 "${pubmedqa[@]}" "${dp[@]}" privacy.target_epsilon=1 seed=0
 stage fpb-seeds "${fpb[@]}" "${dp[@]}" privacy.target_epsilon=1,8 seed=1,2
 stage fpb-none-seeds "${fpb[@]}" "${none[@]}" seed=1,2
-stage sst2-2000 "${sst2[@]}" "${dp[@]}" privacy.target_epsilon=1,8 seed=0
-stage sst2-2000-none "${sst2[@]}" "${none[@]}" seed=0
-stage pubmedqa-long "${pubmedqa[@]}" "${dp[@]}" privacy.target_epsilon=1,8 seed=0
-stage pubmedqa-long-none "${pubmedqa[@]}" "${none[@]}" seed=0
 [[ $dry == 1 ]] && exit 0
 
 python scripts/llm_report.py "$out" --out "$out/report"
