@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import TensorDataset
 
-from dplora import config, data, models, prompts
+from dplora import client, config, data, models, prompts
 from dplora.evaluation import evaluate
 from dplora.privacy import PrivacyAccount, steps_per_round
 from dplora.results import write_json
@@ -231,8 +231,8 @@ def summarize(scored: list[dict], epsilon: float | None, delta: float, space: in
 def federate(model, owner_sets: list[TensorDataset], cfg, public_size: int, seed: int, log) -> list[PrivacyAccount]:
     """`cfg.num_rounds` rounds: every owner trains a round from the global adapter (its own accountant for the
     whole run), then the global adapter is the uniform mean of theirs."""
-    q = float(cfg.train.sample_rate) if cfg.train.sample_rate else cfg.train.batch_size / public_size
-    cfg.train.batch_size = max(1, round(q * public_size))  # the expected batch: q x the public size
+    q = client.public_sample_rate(cfg, public_size)
+    cfg = client.with_batch_size(cfg, q, public_size)  # the expected batch: q x the public size
     per_round = steps_per_round(q, cfg.train.local_epochs)
     accounts = [PrivacyAccount.plan(cfg.privacy, q, cfg.num_rounds * per_round) for _ in owner_sets]
     global_state = models.adapter_state(model)
