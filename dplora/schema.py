@@ -132,6 +132,7 @@ class TrainConfig:
 class EvalConfig:
     batch_size: int = MISSING
     split: EvalSplit = MISSING
+    start: bool = True  # score round 0, the untrained start
     also_test: bool = MISSING
     max_new_tokens: int = 64  # free-text answers (dataset.answer_field): tokens generated for ROUGE-L
 

@@ -5,8 +5,10 @@
 Reads every `*/metrics.json` below the folder (scripts/llm_results.sh's jobs: the server scored the validation
 split carved from training, and the test split as test_*). Per row: the zero-shot start (round 0) and the final
 round on the test split (label-likelihood accuracy, macro-F1, exact match; ROUGE-L for free-text answers), the
-final validation accuracy, the largest epsilon an owner spent, and seconds per job. Writes OUT/llm.md and
-OUT/llm.json; prints the table. Unfinished jobs are listed, not counted.
+final validation accuracy, the largest epsilon an owner spent, and seconds per job. A job run with
+eval.start=false (the grid scores each dataset's zero-shot start once) takes its zero-shot from another job of the
+same dataset and model: at round 0 every such job is the base model itself (LoRA's B starts at zero), on the same
+test split. Writes OUT/llm.md and OUT/llm.json; prints the table. Unfinished jobs are listed, not counted.
 """
 
 from __future__ import annotations
@@ -40,7 +42,16 @@ def collect(folder: Path) -> tuple[list[dict], list[str]]:
         if not metrics["rounds"] or metrics["rounds"][-1]["round"] < metrics["config"]["num_rounds"]:
             unfinished.append(str(path.parent))
             continue
-        rows.append(job_row(metrics))
+        rows.append(job_row(metrics) | {"job": str(path.parent)})
+    starts = {}  # (dataset, model) -> the first job that scored the zero-shot start
+    for row in rows:
+        if row["zero_shot"]:
+            starts.setdefault((row["dataset"], row["model"]), row)
+    for row in rows:
+        start = starts.get((row["dataset"], row["model"]))
+        row["zero_shot_from"] = row["job"] if row["zero_shot"] else start and start["job"]
+        if not row["zero_shot"] and start:
+            row["zero_shot"] = start["zero_shot"]
     return rows, unfinished
 
 

@@ -60,9 +60,11 @@ def main(grid: Grid, context: Context) -> None:
         log.warning("the checkpoint holds no server-optimizer state for round %d: %s starts its optimizer afresh",
                     done, cfg.strategy.name)
 
-    def evaluate_global(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+    def evaluate_global(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         """Score the global adapter, record the round, and checkpoint it (a crash loses at most one round)."""
         server_round += done
+        if server_round == 0 and not cfg.eval.start:
+            return None  # eval.start=false: the untrained start is scored by another job of the grid
         models.from_arrays(model, arrays)
         metrics = evaluate(model, test_sets, test_labels, cfg, tokenizer, references)
         if also_test and server_round in (0, cfg.num_rounds):

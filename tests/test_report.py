@@ -143,7 +143,8 @@ def llm_job(folder, *, seed, epsilon, zero_shot, final, rounds=2, num_rounds=2):
     config = {"seed": seed, "num_rounds": num_rounds, "dataset": {"name": "fpb", "max_train": 1000},
               "model": {"name": "smollm2-135m-instruct"}, "privacy": {"target_epsilon": epsilon}}
     clients = [] if epsilon is None else [{"epsilon": epsilon - 0.1}]
-    initial = {"accuracy": 0.3, "test_accuracy": zero_shot, "test_macro_f1": zero_shot / 2, "test_exact_match": 0.0}
+    initial = None if zero_shot is None else {  # None: eval.start=false, round 0 not scored
+        "accuracy": 0.3, "test_accuracy": zero_shot, "test_macro_f1": zero_shot / 2, "test_exact_match": 0.0}
     rounds_ = [{"round": r, "accuracy": 0.7, "test_accuracy": final, "test_macro_f1": final - 0.1,
                  "test_exact_match": final - 0.2, "clients": clients, "seconds": 50.0 * r}  # since the run began
                for r in range(1, rounds + 1)]
@@ -151,15 +152,20 @@ def llm_job(folder, *, seed, epsilon, zero_shot, final, rounds=2, num_rounds=2):
 
 
 def test_llm_report_rows_hold_the_zero_shot_start_and_the_final_test_scores_over_seeds(tmp_path):
+    """Jobs that skipped round 0 (eval.start=false) take the zero-shot start of their dataset's job that scored it."""
     llm_job(tmp_path / "dp" / "0", seed=0, epsilon=8.0, zero_shot=0.25, final=0.70)
-    llm_job(tmp_path / "dp" / "1", seed=1, epsilon=8.0, zero_shot=0.25, final=0.80)
-    llm_job(tmp_path / "none" / "0", seed=0, epsilon=None, zero_shot=0.25, final=0.85)
+    llm_job(tmp_path / "dp" / "1", seed=1, epsilon=8.0, zero_shot=None, final=0.80)  # eval.start=false
+    llm_job(tmp_path / "none" / "0", seed=0, epsilon=None, zero_shot=None, final=0.85)
     llm_job(tmp_path / "killed" / "0", seed=2, epsilon=8.0, zero_shot=0.25, final=0.1, rounds=1)  # unfinished
     run = subprocess.run([sys.executable, "scripts/llm_report.py", str(tmp_path), "--out", str(tmp_path / "r")],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
-    rows = json.loads((tmp_path / "r" / "llm.json").read_text())["rows"]
-    dp, none = rows
+    report = json.loads((tmp_path / "r" / "llm.json").read_text())
+    dp, none = report["rows"]
+    assert {j["job"]: j["zero_shot_from"] for j in report["jobs"]} == {  # the start, scored once, for all
+        str(tmp_path / d / "0"): str(tmp_path / "dp" / "0") for d in ("dp", "none")} | {
+        str(tmp_path / "dp" / "1"): str(tmp_path / "dp" / "0")}
+    assert none["zero_shot_accuracy"] == pytest.approx((25.0, 0.0))
     assert (dp["target_epsilon"], dp["seeds"], none["target_epsilon"], none["seeds"]) == (8.0, 2, None, 1)
     assert dp["zero_shot_accuracy"] == pytest.approx((25.0, 0.0))
     assert dp["final_accuracy"][0] == pytest.approx(75.0) and dp["final_exact_match"][0] == pytest.approx(55.0)

@@ -141,11 +141,13 @@ def test_server_killed_after_round_1_resumes_without_losing_a_round_or_a_budget(
 def test_fedprox_with_user_level_dp_ffa_lora_and_int8_upload_end_to_end(superlink_env, tmp_path):
     """Another Flower strategy by config, inside Flower's DP-FedAvg wrapper with Flower's clipping mod on the
     owners: both guarantees are recorded and re-derive with the independent accountants. FFA-LoRA and int8
-    upload ride along: the transport mod wraps the clipping mod, and every reply is accepted."""
+    upload ride along: the transport mod wraps the clipping mod, and every reply is accepted. eval.start=false
+    skips scoring round 0."""
     overrides = (f"{OVERRIDES} strategy=fedprox strategy.user_dp.enabled=true strategy.user_dp.owners_per_round=2 "
                  "strategy.user_dp.target_epsilon=10 strategy.user_dp.clipping_norm=0.5 strategy.user_dp.side=client "
-                 "model.lora.train_a=false transport.dtype=int8")
+                 "model.lora.train_a=false transport.dtype=int8 eval.start=false")
     metrics = flwr_run(overrides, tmp_path / "run", num_supernodes=2, env=superlink_env, timeout=600)
+    assert metrics["initial"] is None and [r["round"] for r in metrics["rounds"]] == [1, 2]  # eval.start=false
     assert metrics["config"]["strategy"]["aggregator"]["_target_"] == "flwr.serverapp.strategy.FedProx"
     users = [r["user_level"] for r in metrics["rounds"]]
     assert [u["releases"] for u in users] == [1, 2] and users[0]["epsilon"] < users[1]["epsilon"] <= 10

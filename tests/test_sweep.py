@@ -276,3 +276,6 @@ def test_the_llm_grid_composes_every_job_on_the_llm_recipes(tmp_path, packaged_l
     assert {(c.dataset.name, c.privacy.target_epsilon) for c in jobs} == \
         {(d, e) for d in ("fpb", "sst2", "pubmedqa-long") for e in (1.0, 8.0, None)}
     assert sum(c.dataset.name == "fpb" for c in jobs) == 9  # three seeds of each FPB arm
+    # each dataset's zero-shot start is scored once, by its first job (FPB: both arms, run before eval.start was)
+    assert [(c.dataset.name, c.privacy.target_epsilon) for c in jobs if c.eval.start] == \
+        [("fpb", 8.0), ("fpb", None), ("sst2", 8.0), ("pubmedqa-long", 8.0)]
