@@ -24,7 +24,7 @@ replies (3 or more) or the previous round's.
 from __future__ import annotations
 
 import math
-from functools import lru_cache
+from functools import cache, lru_cache
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -36,7 +36,9 @@ MIN_SAMPLE_RATE = 1e-4  # train.sample_rate=null: below this, publish a smaller 
 ADAM_BETAS = (0.9, 0.999)  # torch.optim.AdamW's defaults, which dplora/train.py uses
 
 
-@lru_cache(maxsize=64)
+# One calibration per distinct sample rate (at most one per node: a node's q is fixed at its first reply), never
+# evicted: a bounded cache would recalibrate every rate every round once more owners sent distinct ones than it holds.
+@cache
 def _noise(privacy: str, q: float, planned_steps: int) -> float:
     return PrivacyAccount.plan(OmegaConf.create(privacy), q, planned_steps).noise_multiplier
 

@@ -1,0 +1,64 @@
+"""scripts/scale.py: the server's work per reply as replies grow, and a round's time as owners grow."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from experiments import scale
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def task_identity(monkeypatch):
+    from flwr.supercore.task_identity import TaskIdentity
+    for attribute in ("_run_id", "_task_id", "_node_id"):
+        monkeypatch.setattr(TaskIdentity, attribute, 1)
+
+
+def test_the_server_cost_goes_through_every_duty_and_measures_its_memory():
+    """N honest replies aggregate through the product's strategy; the aggregator's share is part of the whole,
+    and the peak memory is measured against the replies' own size."""
+    layout = scale.adapter_layout("tiny")
+    row = scale.server_cost(layout, "fedavg", 6, repeats=1)
+    assert row["replies"] == 6 and 0 < row["aggregator_seconds"] and row["seconds_per_reply"] == row["seconds"] / 6
+    assert row["replies_mb"] == pytest.approx(6 * 4 * sum(a * b for a, b in layout.values()) / 2**20)
+    assert row["peak_extra_mb"] >= 0
+
+
+def test_owners_with_their_own_sample_rates_are_checked_and_aggregated_in_both_rounds():
+    rates = scale.per_owner_rates_cost(scale.adapter_layout("tiny"), 3)
+    assert rates["distinct_sample_rates"] == 3
+    assert rates["round_1_seconds_per_reply"] > 0 and rates["round_2_seconds_per_reply"] > 0
+
+
+def test_the_exponent_of_a_power_law():
+    assert scale.exponent({10: 1.0, 100: 10.0}) == pytest.approx(1.0)
+    assert scale.exponent({10: 1.0, 20: 4.0, 40: 16.0}) == pytest.approx(2.0)
+    assert scale.exponent({10: 3.0}) is None
+
+
+def test_quick_end_to_end_with_flower_rounds(tmp_path):
+    """--quick: the tiny adapter's server work for 4 replies, and `flwr run` rounds with 4 owners, all sampled and
+    half of them; the JSON has the keys the docs promise."""
+    out = tmp_path / "scale.json"
+    run = subprocess.run([sys.executable, "scripts/scale.py", "--out", str(out), "--quick", "--strategies", "fedavg",
+                          "--owners", "4", "--fractions", "1", "0.5", "--repeats", "1", "--rates-owners", "0"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert set(result["server_seconds_per_reply"]) == set(result["round_seconds_per_owner"]) == {"4"}
+    assert {(r["owners"], r["fraction_train"], r["sampled"]) for r in result["rounds"]} == {(4, 1.0, 4), (4, 0.5, 2)}
+    assert all(r["round_seconds"] > 0 for r in result["rounds"])
+    assert "server/tiny/fedavg" in result["fits"] and "per_owner_sample_rates" not in result
+
+
+@pytest.mark.parametrize("args", [["--owners", "1"], ["--repeats", "0"], ["--rates-owners", "1"],
+                                  ["--strategies", "bogus"], ["--fractions", "0"]])
+def test_bad_input_is_refused(tmp_path, args):
+    run = subprocess.run([sys.executable, "scripts/scale.py", "--out", str(tmp_path / "x.json"), "--quick", *args],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "error" in run.stderr and not (tmp_path / "x.json").exists()
