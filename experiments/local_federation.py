@@ -10,6 +10,8 @@ Usage (keys and certificates from ``scripts/make_certs.sh CERTS N``)::
     python scripts/local_federation.py start --certs CERTS --data a.jsonl b.jsonl \
         --privacy-budget 10 [--workdir DIR]
     FLWR_HOME=DIR/flwr_home flwr run . local-tls --stream --run-config "..."
+    python scripts/local_federation.py join --certs CERTS --data c.jsonl --index 3 \
+        --privacy-budget 10 [--workdir DIR]      # a late owner: sampled from the next round
     python scripts/local_federation.py stop --workdir DIR
 
 Port layout (flwr 1.41 serves Control, Fleet and the ServerApp Runtime API over
@@ -26,6 +28,8 @@ its own data refuses every run without a budget (and non-private runs unless ``a
 Importable (``from experiments import local_federation``)::
 
     start_federation(certs, data_files, workdir, privacy_budget=EPS) -> dict
+    join_supernode(certs, data_file, index, workdir, privacy_budget=EPS) -> int   # a late owner joins
+    crash_supernode(workdir, index) -> int      # SIGKILL one owner (tests: an owner lost mid-run)
     stop_federation(workdir) -> list[int]      # safe to call twice
 
 Standard library only. Every process gets its own session
@@ -369,10 +373,9 @@ def start_federation(
 
         # 3. SuperNodes
         for i, f in enumerate(data, start=1):
-            node_config = (f"data-path='{f}' privacy-ledger='{workdir / f'ledger-node{i}.json'}' "
-                           f"privacy-budget={float(privacy_budget)}")
             launch(f"supernode-{i}", supernode_command(
-                certs, certs / f"node{i}", supernode_base_port + i - 1, node_config, superlink_port,
+                certs, certs / f"node{i}", supernode_base_port + i - 1, _node_config(f, workdir, i, privacy_budget),
+                superlink_port,
             ))
 
         # 4. wait until every registered node is online
@@ -403,6 +406,73 @@ def start_federation(
         "run_command": run_command(workdir),
         "startup_seconds": round(time.monotonic() - t0, 2),
     }
+
+
+def _node_config(data_file: Path, workdir: Path, index: int, privacy_budget: float) -> str:
+    return (f"data-path='{data_file}' privacy-ledger='{workdir / f'ledger-node{index}.json'}' "
+            f"privacy-budget={float(privacy_budget)}")
+
+
+def join_supernode(
+    certs: str | os.PathLike,
+    data_file: str | os.PathLike,
+    index: int,
+    workdir: str | os.PathLike = DEFAULT_WORKDIR,
+    *,
+    privacy_budget: float,
+    superlink_port: int = SUPERLINK_PORT,
+    supernode_base_port: int = SUPERNODE_BASE_PORT,
+    timeout: float = 120.0,
+) -> int:
+    """A new owner joins the running federation: register ``CERTS/node<index>.pub`` with the SuperLink, start
+    SuperNode ``index`` on its data file (node config as start_federation's), wait until it is online, and
+    return its node id. Flower samples it from the next round the strategy configures."""
+    certs, workdir, data = Path(certs).resolve(), Path(workdir).resolve(), Path(data_file).resolve()
+    if not (workdir / PIDS_FILE).is_file() or not _marked_pids(workdir):
+        raise RuntimeError(f"no federation is running in {workdir}; start one first")
+    if not data.is_file():
+        raise FileNotFoundError(f"data file not found: {data}")
+    if "'" in str(data) or "\n" in str(data):
+        raise ValueError(f"data path must not contain a quote or newline: {data}")
+    for name in (f"node{index}", f"node{index}.pub"):
+        if not (certs / name).is_file():
+            raise FileNotFoundError(f"missing in {certs}: {name} (run scripts/make_certs.sh {certs} {index})")
+    pids = json.loads((workdir / PIDS_FILE).read_text())
+    name, port = f"supernode-{index}", supernode_base_port + index - 1
+    if name in pids and _alive(pids[name]):
+        raise RuntimeError(f"{name} is already running (pid {pids[name]})")
+    if not _port_free(port):
+        raise RuntimeError(f"port {port} already in use on {HOST}")
+    node_id = int(_flwr_json(["supernode", "register", str(certs / f"node{index}.pub"), CONNECTION,
+                              "--name", name], workdir)["node-id"])
+    proc = _spawn(name, supernode_command(certs, certs / f"node{index}", port,
+                                          _node_config(data, workdir, index, privacy_budget), superlink_port),
+                  workdir)
+    _write_pids(workdir, {**pids, name: proc.pid})
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{name} exited with status {proc.returncode}:\n{_tail(workdir / f'{name}.log')}")
+        nodes = _flwr_json(["supernode", "list", CONNECTION], workdir)["nodes"]
+        if any(int(nd["node-id"]) == node_id and nd.get("status") == "online" for nd in nodes):
+            return node_id
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{name} not online after {timeout}s:\n{_tail(workdir / f'{name}.log')}")
+        time.sleep(0.5)
+
+
+def crash_supernode(workdir: str | os.PathLike, index: int) -> int:
+    """SIGKILL SuperNode ``index`` and everything in its session (its SuperExec and ClientApp), as a machine
+    that loses power would stop: no goodbye to the SuperLink. Returns its pid."""
+    workdir = Path(workdir).resolve()
+    pid = int(json.loads((workdir / PIDS_FILE).read_text())[f"supernode-{index}"])
+    if not (_alive(pid) and _has_marker(pid, workdir)):
+        raise RuntimeError(f"supernode-{index} (pid {pid}) is not running")
+    os.killpg(pid, signal.SIGKILL)  # _spawn started it in a session (and process group) of its own
+    end = time.monotonic() + 10
+    while _alive(pid) and time.monotonic() < end:
+        time.sleep(0.1)
+    return pid
 
 
 def stop_federation(workdir: str | os.PathLike = DEFAULT_WORKDIR, timeout: float = 15.0) -> list[int]:
@@ -501,6 +571,14 @@ def main(argv: list[str] | None = None) -> int:
     p_start.add_argument("--privacy-budget", type=float, required=True,
                          help="each owner's total epsilon across runs, enforced by its ledger (an owner "
                               "serving its own data refuses every run without one)")
+    p_join = sub.add_parser("join", help="one more owner joins the federation running in --workdir")
+    p_join.add_argument("--certs", required=True, help="output dir of scripts/make_certs.sh")
+    p_join.add_argument("--data", required=True, help="the new owner's data file")
+    p_join.add_argument("--index", required=True, type=int, help="its key: CERTS/node<INDEX> (and .pub)")
+    p_join.add_argument("--workdir", default=DEFAULT_WORKDIR)
+    p_join.add_argument("--superlink-port", type=int, default=SUPERLINK_PORT)
+    p_join.add_argument("--supernode-base-port", type=int, default=SUPERNODE_BASE_PORT)
+    p_join.add_argument("--privacy-budget", type=float, required=True, help="as for start")
     p_stop = sub.add_parser("stop", help="stop the federation started in --workdir")
     p_stop.add_argument("--workdir", default=DEFAULT_WORKDIR)
     args = parser.parse_args(argv)
@@ -523,6 +601,19 @@ def main(argv: list[str] | None = None) -> int:
         print("\nRun the app against it:\n  " + info["run_command"])
         print(f"\nStop it:\n  {sys.executable} {APP_DIR / 'scripts' / 'local_federation.py'} stop "
               f"--workdir {shlex.quote(info['workdir'])}")
+        return 0
+
+    if args.cmd == "join":
+        if args.index < 1:
+            parser.error("--index must be at least 1")
+        try:
+            node_id = join_supernode(args.certs, args.data, args.index, args.workdir,
+                                     privacy_budget=args.privacy_budget, superlink_port=args.superlink_port,
+                                     supernode_base_port=args.supernode_base_port)
+        except (RuntimeError, FileNotFoundError, ValueError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 1
+        print(f"supernode-{args.index} online as node {node_id}: sampled from the next round")
         return 0
 
     pids = stop_federation(args.workdir)

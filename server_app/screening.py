@@ -1,7 +1,7 @@
 """What a reply may be: exactly the protocol, in the run's wire format, with a privacy record that re-derives.
 
 `ScreenReplies` (outermost) sets aside nodes that sent no reply within the round's timeout, replies that carry
-an error (the ClientApp raised), replies from a node that was not sampled this round or that already replied,
+an error (the ClientApp raised, or the SuperLink answered in the node's place: the node stopped mid-round), replies from a node that was not sampled this round or that already replied,
 and every reply that is not exactly what dplora/protocol.py allows: records,
 record types, metric keys and numbers, and adapter arrays in the configured wire format (names, dtypes, shapes,
 finite values), which it decodes to the fp32 adapter. The server evaluates the global adapter itself, so no
@@ -21,6 +21,7 @@ import math
 from collections.abc import Iterable
 
 from flwr.app import ArrayRecord, Message, MetricRecord
+from flwr.common.constant import SUPERLINK_NODE_ID
 
 from dplora import protocol, transport
 from dplora.results import client_record
@@ -39,6 +40,7 @@ class ScreenReplies(StrategyWrapper):
         self.transport_dtype, self.timeout, self.round_offset = transport_dtype, timeout, round_offset
         self.current = reference.to_torch_state_dict()  # the global adapter the owners received
         self.sent: set[int] | None = None  # the nodes sampled this round (None: configure_train not called)
+        self.instructions: list[Message] = []  # this round's messages (the Grid gives them their ids as it sends)
 
     def configure_train(self, server_round, arrays, config, grid) -> Iterable[Message]:
         self.current = arrays.to_torch_state_dict()
@@ -49,6 +51,7 @@ class ScreenReplies(StrategyWrapper):
                       server_round + self.round_offset, type(self.strategy).__name__, err)
             messages = []
         self.sent = {msg.metadata.dst_node_id for msg in messages}
+        self.instructions = messages
         return messages
 
     def configure_evaluate(self, server_round, arrays, config, grid) -> Iterable[Message]:
@@ -62,11 +65,11 @@ class ScreenReplies(StrategyWrapper):
         replies = list(replies)
         self.recorder.start_round()
         sampled = self.sent if self.sent is not None else {msg.metadata.src_node_id for msg in replies}
-        for node in sorted(sampled - {msg.metadata.src_node_id for msg in replies}):
+        nodes = [self.sender(msg) for msg in replies]
+        for node in sorted(sampled - set(nodes)):
             self.set_aside(server_round, node, f"no reply within the round timeout ({self.timeout}s)", "sent")
         good, seen = [], set()
-        for msg in replies:
-            node = msg.metadata.src_node_id
+        for msg, node in zip(replies, nodes, strict=True):
             if node not in sampled or node in seen:
                 self.set_aside(server_round, node, "a second reply from this node" if node in seen else
                                "a reply from a node not sampled this round", "sent an unexpected reply")
@@ -87,8 +90,18 @@ class ScreenReplies(StrategyWrapper):
                 self.set_aside(server_round, node, f"invalid reply: {problem}", "sent an invalid reply")
                 continue
             good.append(msg)
-        self.sent = None
+        self.sent, self.instructions = None, []
         return self.strategy.aggregate_train(server_round, good)
+
+    def sender(self, msg: Message) -> int:
+        """The node a reply speaks for: its sender, or, for an error the SuperLink itself returns in a node's place
+        (e.g. "Node Unavailable": the node stopped sending heartbeats mid-round), the node that instruction went
+        to."""
+        if msg.metadata.src_node_id == SUPERLINK_NODE_ID and msg.has_error():
+            for sent in self.instructions:
+                if sent.metadata.message_id and sent.metadata.message_id == msg.metadata.reply_to_message_id:
+                    return sent.metadata.dst_node_id
+        return msg.metadata.src_node_id
 
     def set_aside(self, server_round: int, node: int, reason: str, what: str) -> None:
         log.warning("round %d: node %d %s, excluded: %s", server_round, node, what, reason)

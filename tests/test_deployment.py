@@ -1,9 +1,10 @@
-"""A real deployment on loopback: one SuperLink and two SuperNodes as separate processes, TLS and SuperNode
-authentication, each owner with its own data file and ledger (scripts/make_certs.sh,
-experiments/local_federation.py)."""
+"""A real deployment on loopback: one SuperLink and eight SuperNodes as separate processes, TLS and SuperNode
+authentication, each owner with its own data file and ledger, owners lost and joining mid-run
+(scripts/make_certs.sh, experiments/local_federation.py)."""
 
 import json
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -29,43 +30,81 @@ def _owner_file(path, n):
 @pytest.fixture
 def certs(tmp_path_factory):
     out = tmp_path_factory.mktemp("certs")
-    subprocess.run(["bash", str(ROOT / "scripts" / "make_certs.sh"), str(out), "3"], check=True,
+    subprocess.run(["bash", str(ROOT / "scripts" / "make_certs.sh"), str(out), "9"], check=True,
                    capture_output=True)
     return out
 
 
-def test_tls_federation_with_node_authentication_and_owner_data(certs, tmp_path):
-    files = [_owner_file(tmp_path / "owner_a.jsonl", 40), _owner_file(tmp_path / "owner_b.jsonl", 24)]
-    workdir, out = tmp_path / "federation", tmp_path / "out"
-    try:
-        info = federation.start_federation(certs, files, workdir, privacy_budget=20)
-        pids = list(info["pids"].values())
-        assert len(pids) == 3 and len(info["node_ids"]) == 2
+def _run(info, out, overrides):
+    """`flwr run` against the TLS federation, in the background (the test changes the federation meanwhile)."""
+    env = run_env(Path(info["flwr_home"]))  # this Python's `flwr`, FLWR_HOME with the TLS connection
+    return subprocess.Popen(["flwr", "run", ".", info["connection"], "--stream", "--run-config",
+                             f"overrides='{overrides}' output-dir='{out}'"],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
-        # node3's key was generated but never registered: the SuperLink refuses that SuperNode
-        status, node_log = federation.try_supernode(certs, certs / "node3", workdir)
+
+def _rounds_recorded(path):
+    try:
+        return len(json.loads(path.read_text())["rounds"])
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+def test_tls_federation_of_8_owners_with_churn_authentication_and_owner_data(certs, tmp_path):
+    """Six owners start (TLS, registered keys, each with its own data file and ledger); an unregistered key is
+    refused. Once round 1 is recorded, owner 3's machine dies mid-run (SIGKILL, no goodbye) and owners 7 and 8
+    join late. Every round still aggregates; owner 3 is set aside in the round it was lost and never sampled
+    again; the late owners train from round 3 with accountants of their own; every owner's ledger holds
+    exactly what the server recorded of it."""
+    files = [_owner_file(tmp_path / f"owner_{i}.jsonl", 24 + 4 * (i % 3)) for i in range(1, 9)]
+    workdir, out = tmp_path / "federation", tmp_path / "out"
+    overrides = f"{OVERRIDES} num_rounds=3 strategy.min_clients=4"
+    pids = []
+    try:
+        info = federation.start_federation(certs, files[:6], workdir, privacy_budget=50)
+        pids = list(info["pids"].values())
+        assert len(pids) == 7 and len(info["node_ids"]) == 6
+
+        # node9's key was generated but never registered: the SuperLink refuses that SuperNode
+        status, node_log = federation.try_supernode(certs, certs / "node9", workdir, port=9110)
         assert status == 1 and federation.UNREGISTERED_NODE_LOG_LINE in node_log
         assert "No SuperNode found with the given public key" in (workdir / "superlink.log").read_text()
 
-        env = run_env(Path(info["flwr_home"]))  # this Python's `flwr`, FLWR_HOME with the TLS connection
-        run = subprocess.run(
-            ["flwr", "run", ".", info["connection"], "--stream", "--run-config",
-             f"overrides='{OVERRIDES}' output-dir='{out}'"],
-            cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-        metrics_path = out / "metrics.json"
-        assert metrics_path.is_file(), run.stdout[-3000:] + run.stderr[-3000:]
-        metrics = json.loads(metrics_path.read_text())
-        assert [r["round"] for r in metrics["rounds"]] == [1, 2]
-        for entry in metrics["rounds"]:  # each owner trained on its own file, at the run's public sample rate
-            assert [c["sample_rate"] for c in entry["clients"]] == [0.25, 0.25]
-            assert {c["node_id"] for c in entry["clients"]} == set(info["node_ids"])
-            assert not entry["failed"] and not entry["refused"]
-        cfg = config.compose(OVERRIDES)
-        _, tokenizer = models.build_model(cfg)
-        PeftModel.from_pretrained(models.build_base_model(cfg, tokenizer), out / "adapter")
-        ledgers = [json.loads((workdir / f"ledger-node{i}.json").read_text()) for i in (1, 2)]
-        assert all(ledger["runs"][metrics["run_key"]]["round"] == 2 for ledger in ledgers)
+        run = _run(info, out, overrides)
+        deadline = time.monotonic() + 900
+        while _rounds_recorded(out / "metrics.json") < 1 and run.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert _rounds_recorded(out / "metrics.json") == 1, run.stdout.read()[-3000:] if run.poll() else "timeout"
+        federation.crash_supernode(workdir, 3)  # round 2 has started: it had been sent owner 3 too
+        ids = dict(zip(range(1, 7), info["node_ids"], strict=True))
+        for index in (7, 8):
+            ids[index] = federation.join_supernode(certs, files[index - 1], index, workdir, privacy_budget=50)
+        run.communicate(timeout=max(deadline - time.monotonic(), 1))
+        metrics = json.loads((out / "metrics.json").read_text())
     finally:
+        pids = list(json.loads((workdir / federation.PIDS_FILE).read_text()).values()) \
+            if (workdir / federation.PIDS_FILE).is_file() else pids
         federation.stop_federation(workdir)
     assert not federation._marked_pids(workdir.resolve())  # every process we started is gone
     assert all(not federation._alive(pid) for pid in pids)
+
+    rounds = metrics["rounds"]
+    assert [r["round"] for r in rounds] == [1, 2, 3] and all(r["aggregated"] for r in rounds)
+    trained = [{c["node_id"] for c in r["clients"]} for r in rounds]
+    assert trained[0] == {ids[i] for i in range(1, 7)}
+    assert {ids[i] for i in (1, 2, 4, 5, 6)} <= trained[1] and ids[3] not in trained[1]
+    assert [f["node_id"] for f in rounds[1]["failed"]] == [ids[3]]  # lost mid-round: set aside, not waited for
+    assert trained[2] == {ids[i] for i in (1, 2, 4, 5, 6, 7, 8)}  # the late owners in, the lost one out
+    per_round = 4  # ceil(local_epochs / sample_rate)
+    for index, node in ids.items():
+        ledger = json.loads((workdir / f"ledger-node{index}.json").read_text())["runs"][metrics["run_key"]]
+        recorded = [c for r in rounds for c in r["clients"] if c["node_id"] == node]
+        assert [c["sample_rate"] for c in recorded] == [0.25] * len(recorded)
+        assert [c["steps"] for c in recorded] == [per_round * k for k in range(1, len(recorded) + 1)]
+        if index == 3:  # killed in round 2, perhaps after its ledger recorded the round, never after a reply
+            assert ledger["round"] in (1, 2) and ledger["steps"] == per_round * ledger["round"] >= recorded[-1]["steps"]
+        else:  # every round it trained, the server recorded, and no other
+            assert (ledger["round"], ledger["steps"]) == (3, recorded[-1]["steps"])
+    cfg = config.compose(overrides)
+    _, tokenizer = models.build_model(cfg)
+    PeftModel.from_pretrained(models.build_base_model(cfg, tokenizer), out / "adapter")

@@ -369,3 +369,31 @@ def test_a_resumed_server_optimizer_continues_exactly_where_the_checkpoint_left_
         checkpoint.load_optimizer_state(AdapterFedAvg(RunRecorder(tmp_path / "m", {}, 3, "k"), REFERENCE,
                                                       strategy="fedavgm"),
                                         {"v_t/w": torch.zeros(2, 2)}, REFERENCE.to_torch_state_dict())
+
+
+class OwnersTwoToFive:
+    """A Grid with four connected nodes (ids 2-5: node id 1 is the SuperLink's own)."""
+
+    @staticmethod
+    def get_node_ids():
+        return [2, 3, 4, 5]
+
+
+def test_an_owner_lost_mid_round_is_set_aside_under_its_own_id_when_the_superlink_answers_for_it(tmp_path):
+    """A node that stops sending heartbeats mid-round gets an answer from Flower's SuperLink in its place: an
+    error whose sender is the SuperLink (node 1), replying to the message sent to that node. It is that owner's
+    failure (with Flower's reason), not an unexpected reply from node 1 beside an owner that never answered."""
+    from flwr.common.constant import SUPERLINK_NODE_ID
+    recorder = RunRecorder(tmp_path, {}, num_rounds=4, run_key="k")
+    guard = AdapterFedAvg(recorder, REFERENCE, min_clients=2)
+    sent = list(guard.configure_train(1, REFERENCE, ConfigRecord(), OwnersTwoToFive()))
+    for msg in sent:  # the ids the Grid gives the messages as it pushes them
+        msg.metadata.__dict__["_message_id"] = msg.object_id
+    lost = next(msg for msg in sent if msg.metadata.dst_node_id == 5)
+    reason = "Error: Node Unavailable - The destination node failed to report a heartbeat within 2 x its interval."
+    answer = Message(Error(code=0, reason=reason), reply_to=lost)
+    answer.metadata.__dict__["_src_node_id"] = SUPERLINK_NODE_ID  # written by the SuperLink, not by node 5
+    arrays, _ = guard.aggregate_train(1, [_trained(n, 1.0) for n in (2, 3, 4)] + [answer])
+    assert arrays is not None
+    assert recorder.pending["failed"] == [{"node_id": 5, "reason": reason}]
+    assert [c["node_id"] for c in recorder.pending["clients"]] == [2, 3, 4]
