@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import signal
@@ -179,6 +180,33 @@ def _owners(output_dir: Path, recorded: dict) -> int | None:
     return sweep.get("num_supernodes") if isinstance(sweep, dict) else None
 
 
+# Flower's per-ClientApp resources in a simulation, from the environment (Flower's default: 2 CPUs, no GPU, so a
+# 2-core machine trains one owner at a time). ClientApps running at once = min(CPUs / num-cpus, GPUs / num-gpus):
+# DPLORA_CLIENT_GPUS=0.25 puts four owners on each GPU.
+CLIENT_RESOURCES = {"DPLORA_CLIENT_CPUS": "client-resources-num-cpus", "DPLORA_CLIENT_GPUS": "client-resources-num-gpus"}
+
+
+def federation_config(num_supernodes: int, environ: dict[str, str] | None = None) -> str:
+    """`flwr run --federation-config`: the simulated owners, and each ClientApp's CPUs and GPU share where
+    DPLORA_CLIENT_CPUS (a whole number >= 1) or DPLORA_CLIENT_GPUS (a number >= 0) is set."""
+    environ = os.environ if environ is None else environ
+    parts = [f"num-supernodes={num_supernodes}"]
+    for variable, key in CLIENT_RESOURCES.items():
+        value = environ.get(variable, "").strip()
+        if not value:
+            continue
+        try:
+            number = int(value) if variable == "DPLORA_CLIENT_CPUS" else float(value)
+        except ValueError:
+            number = None
+        if number is None or number < (1 if variable == "DPLORA_CLIENT_CPUS" else 0) or not math.isfinite(number):
+            raise SimulationError(f"{variable}={value!r}: "
+                                  + ("a whole number of CPUs, at least 1" if variable == "DPLORA_CLIENT_CPUS"
+                                     else "a GPU share, at least 0 (0.25: four owners per GPU)"))
+        parts.append(f"{key}={number}")
+    return " ".join(parts)
+
+
 def flwr_run(overrides: str, output_dir: Path, num_supernodes: int, env: dict[str, str],
              on_line: Callable[[str], None] = lambda line: None, timeout: float = 24 * 3600,
              app_dir: Path = ROOT) -> dict:
@@ -194,7 +222,7 @@ def flwr_run(overrides: str, output_dir: Path, num_supernodes: int, env: dict[st
         raise config.ConfigError(f"strategy.min_clients={cfg.strategy.min_clients} is more than the "
                                  f"{num_supernodes} simulated data owners")
     command = ["flwr", "run", ".", "--stream", "--run-config", f"overrides='{overrides}' output-dir='{output_dir}'",
-               "--federation-config", f"num-supernodes={num_supernodes}"]
+               "--federation-config", federation_config(num_supernodes)]
     log_path = output_dir / "flwr.log"
     deadline = time.time() + timeout
     with open(log_path, "w") as log:

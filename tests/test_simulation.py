@@ -200,3 +200,15 @@ def test_stopping_the_superlink_stops_everything_it_started(tmp_path):
             time.sleep(0.2)
         assert spawned
     assert not [pid for pid in spawned if running(pid)]
+
+
+def test_client_resources_come_from_the_environment_and_bad_values_are_refused():
+    """DPLORA_CLIENT_CPUS / DPLORA_CLIENT_GPUS become Flower's per-ClientApp resources on `flwr run`."""
+    from experiments.simulation import SimulationError, federation_config
+    assert federation_config(5, {}) == "num-supernodes=5"
+    assert federation_config(200, {"DPLORA_CLIENT_CPUS": "1", "DPLORA_CLIENT_GPUS": "0.25"}) == (
+        "num-supernodes=200 client-resources-num-cpus=1 client-resources-num-gpus=0.25")
+    for bad in ({"DPLORA_CLIENT_CPUS": "0"}, {"DPLORA_CLIENT_CPUS": "1.5"}, {"DPLORA_CLIENT_GPUS": "-1"},
+                {"DPLORA_CLIENT_GPUS": "a quarter"}, {"DPLORA_CLIENT_GPUS": "nan"}):
+        with pytest.raises(SimulationError, match=next(iter(bad))):
+            federation_config(2, bad)
