@@ -3,6 +3,7 @@ Sharer"; Bossy et al. 2025 for federated LLM fine-tuning), DP against non-privat
 
     python scripts/memorization.py --out docs/results/memorization.json [--quick] [--arms none 8 1]
                                    (resumable: arms recorded in --out are not trained again)
+    python scripts/memorization.py --out docs/results/memorization.json --table   (its markdown table)
 
 Canaries are records of one owner (owner 0 of 5): the dataset's prompt around "The account number of <name> is"
 with the answer, the tokens that carry the loss, a secret of DIGITS random digits (the space R: 10^DIGITS
@@ -249,6 +250,38 @@ def federate(model, owner_sets: list[TensorDataset], cfg, public_size: int, seed
     return accounts
 
 
+def likelihood_gain(before: list[dict], after: list[dict], k: int) -> float:
+    """How much more likely training made the secrets of the canaries repeated k times than the reference
+    canaries' secrets (mean change of the secret's log-likelihood, trained minus reference, in nats): a
+    difference-in-differences, free of how likely each secret was to begin with."""
+    start = {(c["name"], c["secret"]): c["log_likelihood"] for c in before}
+
+    def change(rows):
+        return statistics.fmean(r["log_likelihood"] - start[(r["name"], r["secret"])] for r in rows)
+    return change([r for r in after if r["repetitions"] == k]) - change([r for r in after if r["repetitions"] == 0])
+
+
+def table(record: dict) -> str:
+    """The markdown table of docs/MEMORIZATION.md, from a run's JSON: per arm and repetition count, the median
+    exposure (sampled and extrapolated), canaries extracted, the log-likelihood gain over the reference canaries
+    (against the model before fine-tuning) and the bound DP gives the median exposure."""
+    lines = ["| model | canary owner's epsilon | repetitions | median exposure (bits) | extrapolated | extracted "
+             "| log-likelihood gain (nats) | DP bound on the median (bits) |", "|" + " --- |" * 8]
+    before = record["before"]["canaries"]
+    rows = [("before fine-tuning", None, record["before"])] + [
+        (arm_name(a["arm"]), a["canary_owner_epsilon"], a) for a in record["arms"]]
+    for name, epsilon, arm in rows:
+        for k in (*REPETITIONS, 0):
+            part = arm["by_repetitions"][str(k)] if k else arm["reference"]
+            gain = "-" if arm is record["before"] or not k else f"{likelihood_gain(before, arm['canaries'], k):+.2f}"
+            bound = part.get("dp_bound_bits")
+            lines.append(
+                f"| {name} | {'-' if epsilon is None else f'{epsilon:.2f}'} | {k if k else 'never (reference)'} | "
+                f"{part['median_exposure']:.2f} | {part['median_extrapolated_exposure']:.2f} | "
+                f"{part['extracted']} of {part['count']} | {gain} | {'-' if bound is None else f'{bound:.1f}'} |")
+    return "\n".join(lines)
+
+
 def arm_name(arm: str) -> str:
     return "non-private" if arm == "none" else f"epsilon {arm}"
 
@@ -257,6 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="the JSON record (read first: recorded arms are kept)")
     parser.add_argument("--quick", action="store_true", help="the tiny random-weight model, seconds")
+    parser.add_argument("--table", action="store_true", help="print --out's results as a markdown table, run nothing")
     parser.add_argument("--arms", nargs="+", default=["none", "8", "1"],
                         help="none (non-private) and target epsilons (default: none 8 1)")
     args = parser.parse_args(argv)
@@ -266,6 +300,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--arms takes none or positive epsilons (got {' '.join(args.arms)})")
     if any(a != "none" and float(a) <= 0 for a in arms) or len(set(arms)) != len(arms):
         parser.error(f"--arms takes none or positive epsilons, each once (got {' '.join(args.arms)})")
+    if args.table:
+        if not args.out.is_file():
+            parser.error(f"--table: {args.out} does not exist (run the audit first)")
+        print(table(json.loads(args.out.read_text())))
+        return 0
     plan = QUICK if args.quick else FULL
     base = plan["overrides"] + ("" if args.quick else f" data_dir={DATA}")
     if not args.quick and not (DATA / "fpb" / "train.jsonl").is_file():

@@ -102,6 +102,17 @@ def test_quick_mode_end_to_end_resumes_and_refuses_bad_input(tmp_path, capsys):
     for bad in (["--arms", "0"], ["--arms", "eight"], ["--arms", "8", "8.0"]):
         with pytest.raises(SystemExit):
             mem.main(["--quick", "--out", str(out)] + bad)
+    # the table: one row per model and repetition count, gains against the model before fine-tuning
+    capsys.readouterr()
+    assert mem.main(["--out", str(out), "--table"]) == 0
+    rows = capsys.readouterr().out.strip().splitlines()
+    assert len(rows) == 2 + 3 * 4 and rows[2].startswith("| before fine-tuning | - | 1 |")
+    assert rows[-1].startswith("| epsilon 8 | ") and "never (reference)" in rows[-1]
+    gain = mem.likelihood_gain(record["before"]["canaries"], record["arms"][0]["canaries"], 16)
+    assert f"| {gain:+.2f} |" in rows[2 + 4 + 2]  # non-private, 16 repetitions
+    assert mem.likelihood_gain(record["before"]["canaries"], record["before"]["canaries"], 4) == 0
+    with pytest.raises(SystemExit):
+        mem.main(["--out", str(tmp_path / "missing.json"), "--table"])
     other = tmp_path / "other.json"
     other.write_text(json.dumps({"settings": {"overrides": "something else"}}))
     with pytest.raises(SystemExit):
