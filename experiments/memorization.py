@@ -2,6 +2,7 @@
 Sharer"; Bossy et al. 2025 for federated LLM fine-tuning), DP against non-private.
 
     python scripts/memorization.py --out docs/results/memorization.json [--quick] [--arms none 8 1]
+                                   [--repetitions 1 4 16]
                                    (resumable: arms recorded in --out are not trained again)
     python scripts/memorization.py --out docs/results/memorization.json --table   (its markdown table)
 
@@ -81,13 +82,14 @@ class Canary:
     repetitions: int  # 0: a reference canary, never trained on
 
 
-def make_canaries(digits: int, per_count: int, references: int, seed: int) -> list[Canary]:
+def make_canaries(digits: int, per_count: int, references: int, seed: int,
+                  repetitions: tuple[int, ...] = REPETITIONS) -> list[Canary]:
     """PER_COUNT canaries for each repetition count, then the references; distinct names, secrets uniform."""
-    needed = per_count * len(REPETITIONS) + references
+    needed = per_count * len(repetitions) + references
     if needed > len(NAMES):
         raise MemorizationError(f"{needed} canaries need {needed} names; there are {len(NAMES)}")
     g = torch.Generator().manual_seed(seed)
-    counts = [k for k in REPETITIONS for _ in range(per_count)] + [0] * references
+    counts = [k for k in repetitions for _ in range(per_count)] + [0] * references
     order = torch.randperm(len(NAMES), generator=g)[:needed].tolist()
     return [Canary(NAMES[i], "".join(str(int(d)) for d in torch.randint(10, (digits,), generator=g)), k)
             for i, k in zip(order, counts, strict=True)]
@@ -214,7 +216,7 @@ def summarize(scored: list[dict], epsilon: float | None, delta: float, space: in
     reference = [r for r in scored if r["repetitions"] == 0]
     ref_ll = statistics.fmean(r["log_likelihood"] for r in reference)
     by_k = {}
-    for k in REPETITIONS:
+    for k in sorted({r["repetitions"] for r in scored} - {0}):
         rows = [r for r in scored if r["repetitions"] == k]
         by_k[str(k)] = {"count": len(rows), "extracted": sum(r["extracted"] for r in rows),
                         "median_exposure": statistics.median(r["exposure"] for r in rows),
@@ -271,7 +273,7 @@ def table(record: dict) -> str:
     rows = [("before fine-tuning", None, record["before"])] + [
         (arm_name(a["arm"]), a["canary_owner_epsilon"], a) for a in record["arms"]]
     for name, epsilon, arm in rows:
-        for k in (*REPETITIONS, 0):
+        for k in (*sorted(int(k) for k in arm["by_repetitions"]), 0):
             part = arm["by_repetitions"][str(k)] if k else arm["reference"]
             gain = "-" if arm is record["before"] or not k else f"{likelihood_gain(before, arm['canaries'], k):+.2f}"
             bound = part.get("dp_bound_bits")
@@ -282,6 +284,11 @@ def table(record: dict) -> str:
     return "\n".join(lines)
 
 
+def without_data_dir(overrides: str) -> str:
+    """A run's overrides without where its data lies (the same run on another machine is the same setting)."""
+    return " ".join(o for o in overrides.split() if not o.startswith("data_dir="))
+
+
 def arm_name(arm: str) -> str:
     return "non-private" if arm == "none" else f"epsilon {arm}"
 
@@ -290,6 +297,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="the JSON record (read first: recorded arms are kept)")
     parser.add_argument("--quick", action="store_true", help="the tiny random-weight model, seconds")
+    parser.add_argument("--repetitions", nargs="+", type=int, default=list(REPETITIONS),
+                        help=f"how many times each group of canaries is repeated (default {list(REPETITIONS)})")
     parser.add_argument("--table", action="store_true", help="print --out's results as a markdown table, run nothing")
     parser.add_argument("--arms", nargs="+", default=["none", "8", "1"],
                         help="none (non-private) and target epsilons (default: none 8 1)")
@@ -305,27 +314,32 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--table: {args.out} does not exist (run the audit first)")
         print(table(json.loads(args.out.read_text())))
         return 0
+    repetitions = tuple(args.repetitions)
+    if any(k < 1 for k in repetitions) or len(set(repetitions)) != len(repetitions):
+        parser.error(f"--repetitions takes distinct counts of at least 1 (got {args.repetitions})")
     plan = QUICK if args.quick else FULL
     base = plan["overrides"] + ("" if args.quick else f" data_dir={DATA}")
     if not args.quick and not (DATA / "fpb" / "train.jsonl").is_file():
         parser.error(f"{DATA / 'fpb' / 'train.jsonl'} not found: set DPLORA_SHARED_DATA (or run --quick)")
     record = json.loads(args.out.read_text()) if args.out.is_file() else {}
-    if record and record.get("settings", {}).get("overrides") != base:
-        parser.error(f"{args.out} records another setting ({record.get('settings', {}).get('overrides')!r}); "
-                     "use another --out")
+    recorded = record.get("settings", {})
+    if record and (without_data_dir(recorded.get("overrides", "")) != without_data_dir(base)
+                   or tuple(recorded.get("repetitions", REPETITIONS)) != repetitions):
+        parser.error(f"{args.out} records another setting ({recorded.get('overrides')!r}, repetitions "
+                     f"{recorded.get('repetitions')}); use another --out")
 
     def log(text: str) -> None:
         print(f"[memorization] {text}", flush=True)
 
     cfg0 = config.compose(base)
     space, enumerated = 10 ** plan["digits"], plan["candidates"] is None
-    canaries = make_canaries(plan["digits"], plan["per_count"], plan["references"], cfg0.seed)
+    canaries = make_canaries(plan["digits"], plan["per_count"], plan["references"], cfg0.seed, repetitions)
     candidates = candidate_secrets(plan["digits"], plan["candidates"], cfg0.seed)
     record.setdefault("settings", {
         "overrides": base, "owners": OWNERS, "canary_owner": CANARY_OWNER, "template": TEMPLATE,
         "secret_digits": plan["digits"], "space_size": space, "candidates": len(candidates),
         "exposure": "exact (all of R)" if enumerated else "sampled from candidates",
-        "repetitions": list(REPETITIONS), "per_count": plan["per_count"], "references": plan["references"]})
+        "repetitions": list(repetitions), "per_count": plan["per_count"], "references": plan["references"]})
     record.setdefault("arms", [])
 
     model, tokenizer = models.build_model(cfg0)
@@ -368,8 +382,8 @@ def main(argv: list[str] | None = None) -> int:
             "validation": evaluate(model, sets, labels, cfg, tokenizer),
             "training_seconds": trained, "seconds": time.perf_counter() - began} | summary)
         write_json(args.out, record)
-        top = record["arms"][-1]["by_repetitions"][str(REPETITIONS[-1])]
-        log(f"{arm_name(arm)}: {REPETITIONS[-1]}x canaries median exposure {top['median_exposure']:.2f} bits, "
+        top = record["arms"][-1]["by_repetitions"][str(repetitions[-1])]
+        log(f"{arm_name(arm)}: {repetitions[-1]}x canaries median exposure {top['median_exposure']:.2f} bits, "
             f"{top['extracted']} of {top['count']} extracted; reference "
             f"{record['arms'][-1]['reference']['median_exposure']:.2f} bits")
     record["reference"] = {"median_exposure": statistics.median(

@@ -113,6 +113,18 @@ def test_quick_mode_end_to_end_resumes_and_refuses_bad_input(tmp_path, capsys):
     assert mem.likelihood_gain(record["before"]["canaries"], record["before"]["canaries"], 4) == 0
     with pytest.raises(SystemExit):
         mem.main(["--out", str(tmp_path / "missing.json"), "--table"])
+    for bad in (["--repetitions", "0"], ["--repetitions", "4", "4"], ["--repetitions", "1", "4"]):
+        with pytest.raises(SystemExit):  # the last: not what --out records (1 4 16)
+            mem.main(["--quick", "--out", str(out)] + bad)
+    moved = tmp_path / "moved.json"  # the same run recorded on a machine with its data elsewhere: resumes
+    moved.write_text(json.dumps({**record, "settings": {**record["settings"], "overrides": record["settings"][
+        "overrides"] + " data_dir=/elsewhere"}}))
+    capsys.readouterr()
+    assert mem.main(["--quick", "--out", str(moved), "--arms", "none"]) == 0
+    assert "recorded, skipped" in capsys.readouterr().out
+    more = tmp_path / "more.json"  # other repetition counts, in their own file
+    assert mem.main(["--quick", "--out", str(more), "--arms", "none", "--repetitions", "2", "32"]) == 0
+    assert set(json.loads(more.read_text())["arms"][0]["by_repetitions"]) == {"2", "32"}
     other = tmp_path / "other.json"
     other.write_text(json.dumps({"settings": {"overrides": "something else"}}))
     with pytest.raises(SystemExit):
