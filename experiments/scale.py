@@ -41,6 +41,7 @@ from dplora import config, models, privacy
 from dplora.privacy import steps_per_round
 from dplora.results import RunRecorder, write_json
 from experiments import simulation
+from experiments.bench import _rss_mb, round_seconds
 
 OWNERS = (10, 50, 100, 200)
 QUICK_OWNERS = (4, 8)
@@ -64,14 +65,6 @@ ROUND_BASE = ("model=tiny-llama train.local_epochs=1 train.sample_rate=0.25 trai
 
 def log(message: str) -> None:
     print(f"[scale] {message}", file=sys.stderr, flush=True)
-
-
-def _rss_mb(field: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def adapter_layout(name: str) -> dict[str, tuple[int, ...]]:
@@ -193,7 +186,6 @@ def exponent(points: dict[int, float]) -> float | None:
 
 def round_times(owners: tuple[int, ...], fractions: tuple[float, ...]) -> list[dict]:
     """`flwr run` simulations: the second round's seconds for N owners of PER_OWNER records, a fraction sampled."""
-    from experiments.bench import round_seconds
     rows = []
     with tempfile.TemporaryDirectory(prefix="dplora-scale-") as tmp, \
             simulation.local_superlink(Path(tmp) / "flwr_home") as env:
