@@ -86,7 +86,8 @@ RANGES = {
     "dataset.num_test": ">= 1", "partitioner.alpha": "> 0", "partitioner.min_partition_size": ">= 0",
     "strategy.fraction_train": "> 0, <= 1", "strategy.min_clients": ">= 1", "strategy.round_timeout": "> 0",
     "strategy.max_update_norm": "> 0", "strategy.user_dp.clipping_norm": "> 0",
-    "strategy.user_dp.owners_per_round": ">= 1", "strategy.user_dp.delta": "> 0, < 1",
+    "strategy.user_dp.owners_per_round": ">= 1", "strategy.user_dp.population": ">= 1",
+    "strategy.user_dp.delta": "> 0, < 1",
     "strategy.user_dp.noise_multiplier": "> 0", "strategy.user_dp.target_epsilon": "> 0",
 }
 COMPARE = {">": operator.gt, ">=": operator.ge, "<": operator.lt, "<=": operator.le}
@@ -94,6 +95,9 @@ COMPARE = {">": operator.gt, ">=": operator.ge, "<": operator.lt, "<=": operator
 NEEDED = {
     "strategy.user_dp.owners_per_round": ("strategy.user_dp.enabled=true", "the number of owners sampled each "
                                           "round (public; the noise is divided by it)"),
+    "strategy.user_dp.population": ("strategy.user_dp.enabled=true strategy.user_dp.sampling=poisson",
+                                    "how many owners the federation has (public; each owner is sampled with "
+                                    "probability owners_per_round / population)"),
     "strategy.user_dp.target_epsilon": ("strategy.user_dp.enabled=true strategy.user_dp.noise_multiplier=null",
                                         "the user-level budget over the run that sets the noise"),
     "model.pooling": ("model.task=classification", "mean or cls"),
@@ -115,6 +119,29 @@ NAME_LISTS = ("model.lora.target_modules", "dataset.text_fields", "dataset.label
 def _text(value) -> str:
     """A value as an override writes it (true, null, 0.5)."""
     return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def _check_user_dp(strategy) -> None:
+    """Settings under which the user-level guarantee would not hold, or could not be computed."""
+    user = strategy.user_dp
+    if not user.enabled:
+        return
+    if user.sampling == "fixed" and strategy.update_norm_action == "reject":
+        raise ConfigError("strategy.update_norm_action=reject with strategy.user_dp.sampling=fixed: Flower's wrapper "
+                          "skips a round short of owners_per_round replies, so one owner's update would decide "
+                          "whether the round is released; use clip, or sampling=poisson (a rejected update counts "
+                          "as zero)")
+    if user.sampling != "poisson":
+        return
+    if user.side != "server":
+        raise ConfigError("strategy.user_dp.sampling=poisson clips on the server: set strategy.user_dp.side=server")
+    if strategy.fraction_train != 1.0:
+        raise ConfigError(f"strategy.user_dp.sampling=poisson samples the owners itself (each with probability "
+                          f"owners_per_round / population): set strategy.fraction_train=1.0 (got "
+                          f"{strategy.fraction_train})")
+    if user.owners_per_round > user.population:
+        raise ConfigError(f"strategy.user_dp.owners_per_round ({user.owners_per_round}) must not exceed "
+                          f"strategy.user_dp.population ({user.population})")
 
 
 def validate(cfg: DictConfig) -> None:
@@ -153,6 +180,7 @@ def validate(cfg: DictConfig) -> None:
         if (all(_text(OmegaConf.select(cfg, k)) == v for k, v in (c.split("=") for c in when.split()))
                 and OmegaConf.select(cfg, key) in (None, "", {})):
             raise ConfigError(f"{key} is required with {when}: {what}")
+    _check_user_dp(strategy)
     if model.task == "classification" and model.head_init == "descriptions" and model.pooling != "mean":
         raise ConfigError("model.head_init=descriptions needs model.pooling=mean (the head is set from mean-pooled "
                           "embeddings of dataset.label_descriptions): with model.pooling=cls set "

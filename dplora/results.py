@@ -8,7 +8,8 @@ metrics.json:
                "refused": [{"node_id", "reason", ...privacy record}], "failed": [{"node_id", "reason"}],
                "aggregated" (false: fewer than min_clients trained, the adapter stayed), "seconds",
                "user_level" (with strategy.user_dp: {"epsilon", "delta", "releases", "noise_multiplier",
-                             "clipping_norm", "owners_per_round", "accounting"})}],
+                             "clipping_norm", "owners_per_round", "accounting"}, and with sampling=poisson
+                             "sample_rate", "sampled" (owners sampled this round))}],
    "run_key", "resumed_at": [rounds after which a killed run was resumed],
    "accountant": which accountant computed every client epsilon}
 """

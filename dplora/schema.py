@@ -48,6 +48,7 @@ EvalSplit = _choices("EvalSplit", ("test", "validation"))
 TransportDtype = _choices("TransportDtype", TRANSPORT_DTYPES)
 NormAction = _choices("NormAction", ("clip", "reject"))
 UserDPSide = _choices("UserDPSide", ("server", "client"))
+UserDPSampling = _choices("UserDPSampling", ("fixed", "poisson"))
 
 
 @dataclass
@@ -146,8 +147,10 @@ class TransportConfig:
 class UserDPConfig:
     enabled: bool = MISSING
     side: UserDPSide = MISSING
+    sampling: UserDPSampling = MISSING
     clipping_norm: float = MISSING
     owners_per_round: Optional[int] = None  # required when enabled
+    population: Optional[int] = None  # required with sampling=poisson
     noise_multiplier: Optional[float] = MISSING
     target_epsilon: Optional[float] = MISSING
     delta: float = MISSING

@@ -8,9 +8,10 @@ its RDP accountant for the RDP accountant's (the same, looser, bound: PLD would 
 
     python scripts/verify_privacy.py outputs/latest/metrics.json [--tolerance 0.02]
 
-With user-level DP (strategy.user_dp), each round's user-level epsilon is re-derived too: `releases` Gaussian
-mechanisms of noise multiplier `noise_multiplier` (DP-FedAvg, no amplification), with dp_accounting's RDP
-accountant, the method Flower's wrapper reports.
+With user-level DP (strategy.user_dp), each round's user-level epsilon is re-derived too, with dp_accounting's RDP
+accountant: `releases` Gaussian mechanisms of noise multiplier `noise_multiplier` (DP-FedAvg, sampling=fixed: no
+amplification, the method Flower's wrapper reports), or, where the record has a `sample_rate` (sampling=poisson),
+`releases` Poisson-subsampled Gaussian mechanisms at that rate.
 
 Exits with status 1 if any reported epsilon differs from the re-derived one by more than the tolerance
 (relative), or if a reported epsilon exceeds the run's target. Opacus' PRV accountant reports the upper end of
@@ -53,9 +54,13 @@ def rdp_epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: 
 
 
 @cache
-def user_level_epsilon(noise_multiplier: float, releases: int, delta: float) -> float:
+def user_level_epsilon(noise_multiplier: float, releases: int, delta: float, sample_rate: float | None = None
+                       ) -> float:
+    mechanism = dp_accounting.GaussianDpEvent(noise_multiplier)
+    if sample_rate is not None:
+        mechanism = dp_accounting.PoissonSampledDpEvent(sample_rate, mechanism)
     accountant = dp_accounting.rdp.RdpAccountant()
-    accountant.compose(dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(noise_multiplier), releases))
+    accountant.compose(dp_accounting.SelfComposedDpEvent(mechanism, releases))
     return float(accountant.get_epsilon(delta))
 
 
@@ -66,7 +71,8 @@ def verify_user_level(metrics: dict, tolerance: float) -> list[dict]:
         user = entry.get("user_level")
         if not user or not user["releases"]:
             continue
-        derived = user_level_epsilon(user["noise_multiplier"], user["releases"], user["delta"])
+        derived = user_level_epsilon(user["noise_multiplier"], user["releases"], user["delta"],
+                                     user.get("sample_rate"))
         rel = abs(user["epsilon"] - derived) / derived
         rows.append({"round": entry["round"], "reported": user["epsilon"], "rederived": derived,
                      "relative_difference": rel, "ok": rel <= tolerance})

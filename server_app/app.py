@@ -14,6 +14,7 @@ from dplora.protocol import RUN_KEY, TRANSPORT_DTYPE
 from dplora.results import RunRecorder
 from dplora.evaluation import evaluate
 from dplora.train import device
+from dplora.user_level import restore_releases
 from server_app.strategy import build_strategy
 
 log = logging.getLogger("flwr.dplora.server")
@@ -52,6 +53,9 @@ def main(grid: Grid, context: Context) -> None:
         "majority_class": float(test_labels.bincount().max()) / len(test_labels)}
     initial = models.to_arrays(model)
     strategy = build_strategy(cfg, recorder, initial, round_offset=done)
+    if resumed is not None:  # user-level DP: the rounds released before the checkpoint still count
+        released = [r["user_level"]["releases"] for r in previous["rounds"] if "user_level" in r]
+        restore_releases(strategy, released[-1] if released else 0)
     if resumed is not None and resumed.server_optimizer is not None:
         checkpoint.load_optimizer_state(strategy, resumed.server_optimizer, initial.to_torch_state_dict())
         log.info("restored the server optimizer's state after round %d (%d tensors)", done,

@@ -5,7 +5,10 @@ exact size) and bounds each update (reply minus the current global adapter, L2 o
 rejected beyond, `strategy.max_update_norm`. `auto` is the public plan's bound on how far an honest AdamW round
 can move the adapter (server_app/plan.py), which holds for any number of replies, two included, and, with 3 or
 more replies, at most AUTO_BOUND_FACTOR x the round's median norm; with SGD (no plan bound) and fewer than 3
-replies, AUTO_BOUND_FACTOR x the median of the previous round's kept norms. Within the bound an attacker still
+replies, AUTO_BOUND_FACTOR x the median of the previous round's kept norms. With user-level DP (`per_owner`) an
+owner's bound depends on its own reply only (the plan's bound or the configured number, never the medians): one
+owner's data must not change how another's update is bounded, or the user-level sensitivity would not hold.
+Within the bound an attacker still
 moves the mean by up to bound / number of owners each round. It records each trained owner's privacy record and
 update norm.
 
@@ -43,10 +46,12 @@ class BoundUpdates(StrategyWrapper):
     """Equal weights; each update's L2 norm clipped to (or rejected beyond) the round's bound."""
 
     def __init__(self, strategy, recorder, reference: ArrayRecord, train: DictConfig, *,
-                 max_update_norm: float | str | None = None, action: str = "clip"):
-        """`train`: the run's training settings (optimizer, learning rate, local epochs), the public plan."""
+                 max_update_norm: float | str | None = None, action: str = "clip", per_owner: bool = False):
+        """`train`: the run's training settings (optimizer, learning rate, local epochs), the public plan;
+        `per_owner`: bounds from each owner's own reply and the plan only (user-level DP)."""
         super().__init__(strategy, recorder)
         self.train, self.max_update_norm, self.action = train, max_update_norm, action
+        self.per_owner = per_owner
         self.current = reference.to_torch_state_dict()
         self.previous: list[float] = []  # the norms kept last round
 
@@ -89,13 +94,16 @@ class BoundUpdates(StrategyWrapper):
     def bounds(self, norms: list[float], sample_rates: list[float]) -> list[float | None]:
         """Each reply's bound (None: none): the configured number, or (auto) the smaller of the plan's bound for
         its sample rate and AUTO_BOUND_FACTOR x the round's median norm (with at least AUTO_BOUND_MIN_REPLIES
-        replies); where neither applies, AUTO_BOUND_FACTOR x last round's median kept norm."""
+        replies); where neither applies, AUTO_BOUND_FACTOR x last round's median kept norm. `per_owner`: the
+        plan's bound alone (None without one)."""
         if self.max_update_norm != "auto":
             return [self.max_update_norm] * len(norms)
         global_norm = math.sqrt(sum(float(t.double().square().sum()) for t in self.current.values()))
         size = sum(t.numel() for t in self.current.values())
         plan = {q: adam_update_bound(self.train, steps_per_round(q, self.train.local_epochs), size, global_norm)
                 for q in set(sample_rates)}  # once a round per sample rate, not per reply
+        if self.per_owner:
+            return [plan[q] for q in sample_rates]
         observed = AUTO_BOUND_FACTOR * statistics.median(norms) if len(norms) >= AUTO_BOUND_MIN_REPLIES else None
         earlier = AUTO_BOUND_FACTOR * statistics.median(self.previous) if self.previous else None
         bounds = []

@@ -6,7 +6,8 @@ From the outside in (each a small wrapper, server_app/wrapper.py, that records w
   RederiveEpsilons   each privacy record checked against the run's public plan (plan.py); its epsilon re-derived
   BoundUpdates       equal weights; each update's norm clipped to (or rejected beyond) a bound (influence.py)
   GuardAggregate     min_clients, a failing aggregator or an unusable aggregate keep the adapter (influence.py)
-  [Flower's DP-FedAvg wrapper]  with strategy.user_dp: user-level clipping and noise (Flower's own)
+  [user-level DP]    with strategy.user_dp: user-level clipping and noise, Flower's DP-FedAvg wrapper
+                     (sampling=fixed) or PoissonUserDP (sampling=poisson, owner_sampling.py: amplified)
   the aggregator     Flower's FedAvg, FedProx, FedAvgM, FedAdam, FedMedian, Krum, ... (hydra.utils.instantiate)
 
 So the aggregator sees only well-formed, honestly accounted, bounded adapters with equal weights, and no reply
@@ -29,6 +30,7 @@ from dplora.protocol import METRICS
 from dplora.results import RunRecorder
 from dplora.user_level import user_level_accountant, user_level_noise
 from server_app.influence import WEIGHT, BoundUpdates, GuardAggregate
+from server_app.owner_sampling import PoissonUserDP
 from server_app.plan import PrivacyPlan
 from server_app.screening import RederiveEpsilons, ScreenReplies
 
@@ -41,8 +43,9 @@ def privacy_summary(records: list[RecordDict], weighted_by_key: str) -> MetricRe
 
 
 def build_aggregator(cfg: DictConfig) -> Strategy:
-    """The configured Flower aggregator (conf/strategy/), wrapped in Flower's DP-FedAvg wrapper if user-level DP
-    is on. Every owner has the same weight, as Flower's wrappers require for their noise calibration."""
+    """The configured Flower aggregator (conf/strategy/), wrapped for user-level DP if it is on: in Flower's
+    DP-FedAvg wrapper (sampling=fixed) or in PoissonUserDP (sampling=poisson). Every owner has the same weight, as
+    Flower's wrappers require for their noise calibration."""
     common = {"fraction_train": cfg.strategy.fraction_train, "fraction_evaluate": 0.0,
               "min_train_nodes": cfg.strategy.min_clients, "min_available_nodes": cfg.strategy.min_clients,
               "weighted_by_key": WEIGHT, "train_metrics_aggr_fn": privacy_summary}
@@ -51,9 +54,13 @@ def build_aggregator(cfg: DictConfig) -> Strategy:
     if not user.enabled:
         return aggregator
     owners = int(user.owners_per_round)
+    rate = owners / user.population if user.sampling == "poisson" else None
     sigma = user.noise_multiplier
     if sigma is None:
-        sigma = user_level_noise(user.target_epsilon, cfg.num_rounds, user.delta)
+        sigma = user_level_noise(user.target_epsilon, cfg.num_rounds, user.delta, rate)
+    if rate is not None:
+        return PoissonUserDP(aggregator, noise_multiplier=float(sigma), clipping_norm=float(user.clipping_norm),
+                             owners_per_round=owners, sample_rate=rate, delta=float(user.delta))
     wrapper = (DifferentialPrivacyServerSideFixedClipping if user.side == "server"
                else DifferentialPrivacyClientSideFixedClipping)
     return wrapper(aggregator, noise_multiplier=float(sigma), clipping_norm=float(user.clipping_norm),
@@ -64,9 +71,14 @@ def build_strategy(cfg: DictConfig, recorder: RunRecorder, reference: ArrayRecor
                    ) -> Strategy:
     """The aggregator inside the server's duties, in the order above. `reference`: the initial global adapter
     (names, shapes, dtypes); `round_offset`: the rounds a resumed run already did."""
-    strategy = GuardAggregate(build_aggregator(cfg), recorder, reference, min_clients=cfg.strategy.min_clients)
+    user = cfg.strategy.user_dp
+    # Poisson-sampled user-level DP releases every round, however few owners were sampled (a round skipped for
+    # too few would depend on who was sampled).
+    poisson = user.enabled and user.sampling == "poisson"
+    strategy = GuardAggregate(build_aggregator(cfg), recorder, reference,
+                              min_clients=0 if poisson else cfg.strategy.min_clients)
     strategy = BoundUpdates(strategy, recorder, reference, cfg.train, max_update_norm=cfg.strategy.max_update_norm,
-                            action=cfg.strategy.update_norm_action)
+                            action=cfg.strategy.update_norm_action, per_owner=user.enabled)
     strategy = RederiveEpsilons(strategy, recorder, PrivacyPlan(cfg))
     return ScreenReplies(strategy, recorder, reference, transport_dtype=cfg.transport.dtype,
                          timeout=cfg.strategy.round_timeout, round_offset=round_offset)

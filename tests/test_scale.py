@@ -62,3 +62,19 @@ def test_bad_input_is_refused(tmp_path, args):
     with pytest.raises(SystemExit) as exit_:
         scale.main(["--out", str(tmp_path / "x.json"), "--quick", *args])
     assert exit_.value.code == 2 and not (tmp_path / "x.json").exists()
+
+
+def test_user_level_plan_amplifies_only_when_owners_are_sampled(capsys):
+    from experiments import user_level
+    rows = user_level.plan_rows(8.0, 1e-5, 5, [(4, 4), (100, 10)])
+    every, sampled = rows
+    assert every["poisson_noise_multiplier"] == pytest.approx(every["fixed_noise_multiplier"], rel=2e-3)  # q = 1
+    assert sampled["fixed_noise_multiplier"] == pytest.approx(every["fixed_noise_multiplier"])  # no population
+    assert sampled["poisson_noise_multiplier"] < 0.5 * sampled["fixed_noise_multiplier"]
+    assert sampled["poisson_noise_on_mean"] == pytest.approx(sampled["poisson_noise_multiplier"] / 10)
+    assert user_level.main(["plan", "--rounds", "5", "--owners", "100:10"]) == 0
+    assert "| 100 | 10 |" in capsys.readouterr().out
+    for bad in (["plan", "--owners", "5:6"], ["plan", "--owners", "five"], ["plan", "--epsilon", "0"], []):
+        with pytest.raises(SystemExit) as err:
+            user_level.main(bad)
+        assert err.value.code == 2

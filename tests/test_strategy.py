@@ -297,6 +297,113 @@ def test_user_level_dp_wraps_the_aggregator_and_reports_its_epsilon(tmp_path):
     assert 3.9 <= user["epsilon"] <= 4.0  # calibrated to the target over the run's rounds
 
 
+POISSON = ("strategy.user_dp.enabled=true strategy.user_dp.sampling=poisson strategy.user_dp.owners_per_round=5 "
+           "strategy.user_dp.population=20 strategy.user_dp.clipping_norm=1.0")
+
+
+class TwentyOwners:
+    @staticmethod
+    def get_node_ids():
+        return list(range(1, 21))
+
+
+def _poisson(guard):
+    """The PoissonUserDP wrapper inside the server's duties."""
+    from dplora.user_level import user_level_strategy
+    return user_level_strategy(guard)
+
+
+def test_poisson_user_level_dp_samples_each_owner_at_its_rate_and_from_fresh_entropy(tmp_path):
+    recorder = RunRecorder(tmp_path, {}, num_rounds=4, run_key="k")
+    guard = AdapterFedAvg(recorder, REFERENCE, overrides=POISSON + " strategy.user_dp.noise_multiplier=1.0")
+    dp = _poisson(guard)
+    assert type(dp).__name__ == "PoissonUserDP" and dp.sample_rate == 0.25
+    drawn = [[m.metadata.dst_node_id for m in guard.configure_train(1, REFERENCE, ConfigRecord(), TwentyOwners())]
+             for _ in range(300)]
+    counts = [len(d) for d in drawn]
+    assert abs(sum(counts) / (300 * 20) - 0.25) < 0.03  # 6,000 coin flips at 0.25: std 0.0056
+    assert len(set(counts)) > 3  # a Poisson (binomial) count, not a fixed one
+    per_owner = [sum(node in d for d in drawn) / 300 for node in range(1, 21)]
+    assert min(per_owner) > 0.1 and max(per_owner) < 0.4  # every owner at the rate (std 0.025)
+    # no seed: two strategies built from the same config draw different owners
+    other = AdapterFedAvg(RunRecorder(tmp_path / "b", {}, num_rounds=4, run_key="k"), REFERENCE,
+                          overrides=POISSON + " strategy.user_dp.noise_multiplier=1.0")
+    again = [[m.metadata.dst_node_id for m in other.configure_train(1, REFERENCE, ConfigRecord(), TwentyOwners())]
+             for _ in range(300)]
+    assert again != drawn
+
+
+def test_poisson_user_level_dp_divides_the_clipped_sum_by_the_expected_owners_and_adds_its_noise(tmp_path):
+    from dplora.user_level import poisson_user_level_epsilon
+    # the sum of clipped updates over owners_per_round, whatever the number of replies
+    recorder = RunRecorder(tmp_path / "sum", {}, num_rounds=4, run_key="k")
+    guard = AdapterFedAvg(recorder, REFERENCE, overrides=POISSON + " strategy.user_dp.noise_multiplier=1e-9")
+    guard.configure_train(1, REFERENCE, ConfigRecord(), TwentyOwners())
+    arrays, metrics = _poisson(guard).aggregate_train(1, [_trained(1, 1.0), _trained(2, 0.1)])  # norms 2, 0.2
+    np.testing.assert_allclose(_flat(arrays), (0.5 + 0.1) / 5, rtol=1e-6)  # 1.0 clipped to norm 1
+    assert metrics["clients"] == 2
+
+    # noise of std noise_multiplier x clipping_norm / owners_per_round, also in a round nobody was sampled in:
+    # every round releases (the min_clients guard does not apply), so no decision depends on who was sampled
+    big = ArrayRecord({"w": Array(np.zeros((200, 200), dtype=np.float32))})
+    recorder = RunRecorder(tmp_path / "noise", {}, num_rounds=4, run_key="k")
+    guard = AdapterFedAvg(recorder, big, min_clients=2, overrides=POISSON + " strategy.user_dp.noise_multiplier=2.0")
+    guard.configure_train(1, big, ConfigRecord(), TwentyOwners())
+    arrays, _ = guard.aggregate_train(1, [])
+    assert arrays is not None and np.std(_flat(arrays)) == pytest.approx(2.0 * 1.0 / 5, rel=0.03)
+    recorder.record_round(1, {"accuracy": 0.5, "loss": 1.0, "macro_f1": 0.4})
+    user = json.loads(recorder.path.read_text())["rounds"][-1]["user_level"]
+    assert user["releases"] == 1 and user["sample_rate"] == 0.25 and user["owners_per_round"] == 5
+    assert user["epsilon"] == pytest.approx(poisson_user_level_epsilon(2.0, 0.25, 1, 1e-5))
+    assert "Poisson" in user["accounting"]
+
+
+def test_poisson_user_level_dp_calibrates_below_fixed_sampling_and_verify_privacy_rederives_it(tmp_path):
+    from experiments.verify_privacy import verify_user_level
+    from dplora.user_level import user_level_noise
+    recorder = RunRecorder(tmp_path, {}, num_rounds=4, run_key="k")
+    guard = AdapterFedAvg(recorder, REFERENCE, overrides=POISSON + " strategy.user_dp.target_epsilon=4")
+    dp = _poisson(guard)
+    assert dp.noise_multiplier < 0.6 * user_level_noise(4.0, 4, 1e-5)  # amplification: less noise, same budget
+    for server_round in range(1, 5):
+        guard.configure_train(server_round, REFERENCE, ConfigRecord(), TwentyOwners())
+        guard.aggregate_train(server_round, [_trained(1, 1.0)])
+        recorder.record_round(server_round, {"accuracy": 0.5, "loss": 1.0, "macro_f1": 0.4})
+    metrics = json.loads(recorder.path.read_text())
+    assert 3.9 <= metrics["rounds"][-1]["user_level"]["epsilon"] <= 4.0  # calibrated to the target over 4 rounds
+    rows = verify_user_level(metrics, 0.001)
+    assert len(rows) == 4 and all(r["ok"] for r in rows)
+    metrics["rounds"][-1]["user_level"]["sample_rate"] = 1.0  # a record that claims amplification it did not get
+    assert not verify_user_level(metrics, 0.02)[-1]["ok"]
+
+
+@pytest.mark.parametrize("sampling", ["fixed", "poisson"])
+def test_a_resumed_run_keeps_counting_the_user_level_releases_before_its_checkpoint(tmp_path, sampling):
+    from dplora.user_level import restore_releases, user_level_record, user_level_strategy
+    overrides = (POISSON if sampling == "poisson" else
+                 "strategy.user_dp.enabled=true strategy.user_dp.owners_per_round=2") + \
+        " strategy.user_dp.noise_multiplier=1.0"
+    fresh, resumed = (AdapterFedAvg(RunRecorder(tmp_path / n, {}, num_rounds=4, run_key="k"), REFERENCE,
+                                    overrides=overrides) for n in ("fresh", "resumed"))
+    restore_releases(resumed, 3)
+    before, after = user_level_record(user_level_strategy(fresh)), user_level_record(user_level_strategy(resumed))
+    assert before["releases"] == 0 and after["releases"] == 3 and after["epsilon"] > 1.0
+
+
+def test_with_user_level_dp_one_owner_cannot_change_how_another_is_bounded(tmp_path):
+    """The auto bound's round median depends on every owner's update: under user-level DP the bound of each owner
+    comes from its own reply and the public plan only, so adding or removing an owner moves the sum by at most
+    the clipping norm."""
+    replies = lambda: [_trained(1, 0.01), _trained(2, 0.01), _trained(3, 0.01), _trained(4, 0.5)]  # noqa: E731
+    for user_dp, clipped in (("", True), ("strategy.user_dp.enabled=true strategy.user_dp.owners_per_round=5 "
+                                          "strategy.user_dp.noise_multiplier=1.0 strategy.user_dp.clipping_norm=10", False)):
+        recorder = RunRecorder(tmp_path / str(clipped), {}, num_rounds=4, run_key="k")
+        guard = AdapterFedAvg(recorder, REFERENCE, overrides=user_dp, max_update_norm="auto")
+        guard.configure_train(1, REFERENCE, ConfigRecord(), FiveOwners())
+        guard.aggregate_train(1, replies())
+        assert ("clipped_to" in recorder.pending["clients"][3]) is clipped  # 3 x the median (0.06) < norm 1.0
+
+
 @pytest.mark.parametrize("overrides, message", [
     ("strategy=fedadam strategy.user_dp.enabled=true", "strategy.user_dp needs one of fedavg, fedprox"),
     ("strategy.max_update_norm=-1", "strategy.max_update_norm"),
@@ -304,6 +411,16 @@ def test_user_level_dp_wraps_the_aggregator_and_reports_its_epsilon(tmp_path):
     ("strategy.aggregator._target_=os.system", "strategy.aggregator._target_"),
     ("strategy=nonexistent", "strategy"),
     ("strategy.user_dp.enabled=true strategy.user_dp.clipping_norm=0", "strategy.user_dp.clipping_norm"),
+    ("strategy.user_dp.enabled=true strategy.user_dp.owners_per_round=2 strategy.update_norm_action=reject",
+     "decide whether the round is released"),
+    ("strategy.user_dp.enabled=true strategy.user_dp.owners_per_round=2 strategy.user_dp.sampling=random",
+     "strategy.user_dp.sampling must be one of fixed, poisson"),
+    ("strategy.user_dp.enabled=true strategy.user_dp.owners_per_round=2 strategy.user_dp.sampling=poisson",
+     "strategy.user_dp.population is required"),
+    (POISSON + " strategy.user_dp.population=4", r"owners_per_round \(5\) must not exceed"),
+    (POISSON + " strategy.fraction_train=0.5", "set strategy.fraction_train=1.0"),
+    (POISSON + " strategy.user_dp.side=client", "set strategy.user_dp.side=server"),
+    (POISSON + " strategy.user_dp.population=0", "strategy.user_dp.population"),
 ])
 def test_bad_strategy_settings_name_the_key(overrides, message):
     with pytest.raises(config.ConfigError, match=message):
