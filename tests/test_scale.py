@@ -78,3 +78,22 @@ def test_user_level_plan_amplifies_only_when_owners_are_sampled(capsys):
         with pytest.raises(SystemExit) as err:
             user_level.main(bad)
         assert err.value.code == 2
+
+
+def test_user_level_run_fits_the_gap_and_refuses_bad_input(tmp_path, monkeypatch):
+    from experiments import user_level
+    assert int(29 * user_level.fraction_for(29, 100) * 100 / 29) == 29  # Flower samples int(N x fraction)
+    assert all(int(n * user_level.fraction_for(m, n)) == m for n in (100, 500, 1000) for m in range(1, n + 1, 7))
+    rows = [{"per_round": 10, "test_gap": 0.2}, {"per_round": 40, "test_gap": 0.1}, {"per_round": 80, "test_gap": -0.01}]
+    fit = user_level.gap_fit(rows)  # gap ~ M^-0.5 through the two positive gaps: 3 points at 10 x (0.2/0.03)^2
+    assert fit["points"] == 2 and fit["exponent"] == pytest.approx(-0.5)
+    assert fit["per_round_for_gap_target"] == pytest.approx(10 * (0.2 / 0.03) ** 2)
+    assert user_level.gap_fit(rows[:1]) is None
+    assert "per_round_for_gap_target" not in user_level.gap_fit([{"per_round": 10, "test_gap": 0.1},
+                                                                 {"per_round": 20, "test_gap": 0.2}])
+    monkeypatch.setattr(user_level, "DATA", tmp_path / "nowhere")
+    for bad in (["run", str(tmp_path), "--quick", "--population", "4", "--per-round", "5"],
+                ["run", str(tmp_path), "--quick", "--rounds", "0"], ["run", str(tmp_path)]):
+        with pytest.raises(SystemExit) as err:
+            user_level.main(bad)
+        assert err.value.code == 2
