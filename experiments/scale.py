@@ -16,10 +16,12 @@
    N owners all sampled (strategy.fraction_train=1) and a tenth of them (0.1); the second round's seconds, per
    sampled owner.
 
+3. A round's upload: the bytes one reply carries in each wire format (fp32, fp16, int8) for each adapter, times N.
+
 The JSON holds `server_seconds_per_reply` and `round_seconds_per_owner` (objects keyed by N: FedAvg with the
 project's screening, MiniLM's adapter, every owner sampled), `server` and `rounds` (every measurement) and `fits`:
 for each series the exponent k of seconds ~ N^k (least squares on log-log: 1 is linear, 2 quadratic). A fit's
-exponent for the time per reply near 0 is flat. Docs: docs/PERFORMANCE.md, section 8.
+exponent for the time per reply near 0 is flat; `bytes_per_round` per adapter. Docs: docs/PERFORMANCE.md, section 8.
 """
 
 from __future__ import annotations
@@ -36,8 +38,10 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
-from dplora import config, models, privacy
+from dplora import config, models, privacy, transport
+from dplora.config import TRANSPORT_DTYPES
 from dplora.privacy import steps_per_round
 from dplora.results import RunRecorder, write_json
 from experiments import simulation
@@ -65,6 +69,15 @@ ROUND_BASE = ("model=tiny-llama train.local_epochs=1 train.sample_rate=0.25 trai
 
 def log(message: str) -> None:
     print(f"[scale] {message}", file=sys.stderr, flush=True)
+
+
+def bytes_per_round(layout: dict[str, tuple[int, ...]], owners: tuple[int, ...]) -> dict:
+    """Bytes one reply carries in each wire format (transport.encode of a real-sized random update, as the
+    ArrayRecord holds it), and a round's upload for N owners: N replies."""
+    start = {k: torch.zeros(shape) for k, shape in layout.items()}
+    trained = {k: v + 1e-3 * torch.randn_like(v) for k, v in start.items()}
+    per_reply = {dtype: transport.wire_bytes(transport.encode(trained, start, dtype)) for dtype in TRANSPORT_DTYPES}
+    return {"per_reply": per_reply, "per_round": {str(n): {d: b * n for d, b in per_reply.items()} for n in owners}}
 
 
 def adapter_layout(name: str) -> dict[str, tuple[int, ...]]:
@@ -234,11 +247,12 @@ def main(argv: list[str] | None = None) -> int:
         a: {"overrides": ADAPTERS[a][0], "what": ADAPTERS[a][1]} for a in adapters}, "plan": PLAN,
         "repeats": args.repeats, "per_owner_records": PER_OWNER, "round_base": ROUND_BASE,
         "command": " ".join(["python scripts/scale.py", *(argv if argv is not None else sys.argv[1:])])},
-        "server": [], "rounds": [], "fits": {}}
+        "server": [], "rounds": [], "fits": {}, "bytes_per_round": {}}
     for adapter in adapters:
         layout = adapter_layout(adapter)
         coordinates = sum(math.prod(s) for s in layout.values())
         log(f"adapter {adapter}: {len(layout)} tensors, {coordinates:,} coordinates")
+        result["bytes_per_round"][adapter] = bytes_per_round(layout, owners)
         for strategy in args.strategies:
             server_cost(layout, strategy, 2, 1)  # warm-up: imports, the plan's first epsilon
             series = {}

@@ -54,6 +54,9 @@ def test_quick_end_to_end_with_a_flower_round(tmp_path):
     assert [(r["owners"], r["fraction_train"], r["sampled"]) for r in result["rounds"]] == [(2, 1.0, 2)]
     assert all(r["round_seconds"] > 0 for r in result["rounds"])
     assert "server/tiny/fedavg" in result["fits"] and "per_owner_sample_rates" not in result
+    sizes = result["bytes_per_round"]["tiny"]
+    assert sizes["per_reply"]["int8"] < sizes["per_reply"]["fp16"] < sizes["per_reply"]["fp32"]
+    assert sizes["per_round"]["2"] == {d: 2 * b for d, b in sizes["per_reply"].items()}
 
 
 @pytest.mark.parametrize("args", [["--owners", "1"], ["--repeats", "0"], ["--rates-owners", "1"],
