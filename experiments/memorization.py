@@ -5,6 +5,7 @@ Sharer"; Bossy et al. 2025 for federated LLM fine-tuning), DP against non-privat
                                    [--repetitions 1 4 16]
                                    (resumable: arms recorded in --out are not trained again)
     python scripts/memorization.py --out docs/results/memorization.json --table   (its markdown table)
+    python scripts/memorization.py --out FILE --local-check --arms ...   (also: can the recipe memorize at all?)
 
 Canaries are records of one owner (owner 0 of 5): the dataset's prompt around "The account number of <name> is"
 with the answer, the tokens that carry the loss, a secret of DIGITS random digits (the space R: 10^DIGITS
@@ -25,6 +26,10 @@ k times (group privacy), so Pr[exposure >= x] <= e^(k epsilon) 2^-x + delta_k fo
 secret it never saw (uniform rank): the median exposure is at most 1 + k epsilon log2 e bits (bound_bits,
 null where delta_k >= 1/2 makes it vacuous; capped at log2 |R|).
 
+--local-check: the non-private recipe on the trained canaries alone (one owner, 4 copies each, 12 steps, no other
+data, no averaging): their secrets' log-likelihood before and after every 4 steps, recorded as `local_check`. It
+tells a recipe that cannot memorize from a federation that dilutes one owner's records.
+
 --quick: the tiny random-weight causal LM on synthetic records (about a minute; tests/test_memorization.py), a space
 of 100 secrets enumerated whole (exact ranks).
 """
@@ -38,7 +43,7 @@ import math
 import os
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -55,6 +60,7 @@ from experiments import exposure
 DATA = Path(os.environ.get("DPLORA_SHARED_DATA", Path(__file__).resolve().parent.parent.parent / "shared" / "data"))
 OWNERS, CANARY_OWNER = 5, 0
 REPETITIONS = (1, 4, 16)
+LOCAL_CHECK_COPIES, LOCAL_CHECK_ROUNDS, LOCAL_CHECK_STEPS = 4, 3, 4  # --local-check: 12 steps on the canaries alone
 TEMPLATE = "The account number of {name} is"
 NAMES = ["Alice Moreau", "Bilal Haddad", "Chen Wei", "Dana Kowalski", "Emeka Obi", "Farah Nasser", "Goran Petrov",
          "Hana Sato", "Ivan Horvat", "Julia Santos", "Kofi Mensah", "Lena Fischer", "Marta Rossi", "Nikhil Rao",
@@ -252,6 +258,31 @@ def federate(model, owner_sets: list[TensorDataset], cfg, public_size: int, seed
     return accounts
 
 
+def local_check(model, canaries: list[Canary], tokenizer, cfg, rounds: int = LOCAL_CHECK_ROUNDS,
+                steps: int = LOCAL_CHECK_STEPS) -> dict:
+    """Can the non-private recipe memorize a secret at all? One owner, no federation, no other data: the trained
+    canaries alone, LOCAL_CHECK_COPIES copies each, `rounds` x `steps` steps of the recipe's optimizer (batches
+    of half the set, expected), and every canary's secret log-likelihood before and after each `steps`."""
+    start = models.adapter_state(model)
+    trained = [c for c in canaries if c.repetitions]
+    records = encode_canaries([replace(c, repetitions=LOCAL_CHECK_COPIES) for c in trained], tokenizer, cfg)
+    size = len(records)
+    cfg = client.with_batch_size(cfg, 0.5, size)
+    account = PrivacyAccount.plan(cfg.privacy, 0.5, rounds * steps)
+
+    def likelihoods() -> list[float]:
+        return [float(secret_log_likelihoods(model, prefix_ids(c, tokenizer, cfg),
+                                             [secret_ids(c.secret, tokenizer, cfg)])[0]) for c in trained]
+    curve = [{"steps": 0, "log_likelihoods": likelihoods()}]
+    for r in range(rounds):
+        train_round(model.train(), records, cfg, account, seed=r, steps=steps, name="local check")
+        curve.append({"steps": (r + 1) * steps, "log_likelihoods": likelihoods()})
+    models.load_adapter_state(model, start)
+    return {"records": size, "copies": LOCAL_CHECK_COPIES, "batch": cfg.train.batch_size,
+            "learning_rate": cfg.train.learning_rate, "curve": curve,
+            "mean_gain": statistics.mean(curve[-1]["log_likelihoods"]) - statistics.mean(curve[0]["log_likelihoods"])}
+
+
 def likelihood_gain(before: list[dict], after: list[dict], k: int) -> float:
     """How much more likely training made the secrets of the canaries repeated k times than the reference
     canaries' secrets (mean change of the secret's log-likelihood, trained minus reference, in nats): a
@@ -300,6 +331,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repetitions", nargs="+", type=int, default=list(REPETITIONS),
                         help=f"how many times each group of canaries is repeated (default {list(REPETITIONS)})")
     parser.add_argument("--table", action="store_true", help="print --out's results as a markdown table, run nothing")
+    parser.add_argument("--local-check", action="store_true",
+                        help="also check that the non-private recipe can memorize the canaries alone (one owner, "
+                             "12 steps; recorded as local_check)")
     parser.add_argument("--arms", nargs="+", default=["none", "8", "1"],
                         help="none (non-private) and target epsilons (default: none 8 1)")
     args = parser.parse_args(argv)
@@ -350,6 +384,12 @@ def main(argv: list[str] | None = None) -> int:
                                      None, cfg0.privacy.delta, space) | {"seconds": time.perf_counter() - began}
         write_json(args.out, record)
         log(f"before fine-tuning: reference median exposure {record['before']['reference']['median_exposure']:.2f} bits")
+    if args.local_check and "local_check" not in record:
+        record["local_check"] = local_check(model, canaries, tokenizer,
+                                            config.compose(f"{base} {plan['none']}".strip()))
+        write_json(args.out, record)
+        log(f"local check: the canaries' secrets gain {record['local_check']['mean_gain']:+.2f} nats on average "
+            f"in {LOCAL_CHECK_ROUNDS * LOCAL_CHECK_STEPS} steps on them alone")
     validation = data.load_split(cfg0.dataset, "validation")
     sets = [data.encode(validation, tokenizer, cfg0, answer=k) for k in range(len(cfg0.dataset.label_names))]
     labels = torch.tensor(validation["label"])

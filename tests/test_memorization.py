@@ -79,9 +79,12 @@ def test_the_dp_bound_on_median_exposure():
 
 def test_quick_mode_end_to_end_resumes_and_refuses_bad_input(tmp_path, capsys):
     out = tmp_path / "memorization.json"
-    assert mem.main(["--quick", "--out", str(out), "--arms", "none", "8"]) == 0
+    assert mem.main(["--quick", "--out", str(out), "--arms", "none", "8", "--local-check"]) == 0
     record = json.loads(out.read_text())
     assert [a["epsilon"] for a in record["arms"]] == [None, 8.0]
+    check = record["local_check"]  # the recipe on the 3 trained canaries alone, 4 copies each
+    assert check["records"] == 12 and [p["steps"] for p in check["curve"]] == [0, 4, 8, 12]
+    assert all(len(p["log_likelihoods"]) == 3 for p in check["curve"]) and check["mean_gain"] > 0
     space = record["settings"]["space_size"]
     for arm in record["arms"] + [record["before"]]:
         assert set(arm["by_repetitions"]) == {"1", "4", "16"}
