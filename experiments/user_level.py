@@ -5,8 +5,9 @@
                                              [--epsilon 8] [--quick]
 
 `plan` prints, for each population:owners-per-round pair, the noise multiplier that reaches the user-level
-epsilon over the rounds and the Gaussian noise it puts on the averaged update, in clipping norms
-(noise_multiplier / owners_per_round): with `sampling: fixed` (Flower's accountant, no amplification; the
+epsilon over the rounds and the Gaussian noise it puts on the averaged update, per coordinate, in clipping norms
+(noise_multiplier / owners_per_round; the noise vector's norm is that times the square root of the adapter's
+coordinates, e.g. 170 for MiniLM's 28,803): with `sampling: fixed` (Flower's accountant, no amplification; the
 population plays no part) and with `sampling: poisson` (each owner with probability owners_per_round / population,
 dp-accounting's Poisson-subsampled Gaussian). Both calibrations are dplora/user_level.py's, the ones the server
 uses. The clipping norm itself is the user's choice (strategy.user_dp.clipping_norm): the noise is small enough
@@ -176,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.epsilon <= 0 or not 0 < args.delta < 1 or args.rounds < 1:
         parser.error("--epsilon must be > 0, --delta in (0, 1), --rounds >= 1")
     print(f"user-level epsilon {args.epsilon:g} at delta {args.delta:g} over {args.rounds} rounds; noise on the "
-          "mean in clipping norms")
+          "mean (std per coordinate) in clipping norms")
     print("| owners | per round | fixed: noise multiplier | fixed: noise on mean | poisson: noise multiplier | "
           "poisson: noise on mean |")
     print("|---:|---:|---:|---:|---:|---:|")
