@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import math
 import random
-import secrets
 from collections.abc import Iterable
 
 import torch
@@ -30,6 +29,7 @@ from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.serverapp.strategy import Strategy
 
 from dplora import protocol
+from dplora.privacy import _secret_generator  # the DP-SGD noise's OS-seeded generator
 from dplora.user_level import POISSON_ACCOUNTING, poisson_user_level_epsilon
 from server_app.wrapper import log
 
@@ -80,7 +80,7 @@ class PoissonUserDP(Strategy):
             for k, u in update.items():
                 total[k] += u * scale
         std = self.noise_multiplier * self.clipping_norm / self.owners_per_round
-        noise = torch.Generator().manual_seed(secrets.randbits(63))
+        noise = _secret_generator()
         new = {k: (current[k].double() + total[k] / self.owners_per_round
                    + torch.normal(0.0, std, size=tuple(v.shape), generator=noise, dtype=torch.float64)
                    ).to(current[k].dtype).contiguous()
