@@ -2,7 +2,7 @@
 
     python scripts/user_level.py plan [--epsilon 8] [--delta 1e-5] [--rounds 20] [--owners 100:10 500:50 ...]
     python scripts/user_level.py run OUT_DIR [--population 500] [--per-round 10 25 50] [--rounds 20]
-                                             [--epsilon 8] [--quick]
+                                             [--epsilon 8] [--quick] [--set KEY=VALUE ...]
 
 `plan` prints, for each population:owners-per-round pair, the noise multiplier that reaches the user-level
 epsilon over the rounds and the Gaussian noise it puts on the averaged update, per coordinate, in clipping norms
@@ -24,7 +24,9 @@ when it is small against the mean of the clipped updates.
 Both arms are scored on the validation split every round and on the test split at the end (eval.also_test).
 OUT_DIR/user_level.json and .md: per M the noise multiplier and the noise on the mean (in clipping norms),
 validation and test accuracy of both arms, the gap, and (where the gap shrinks with M) the log-log fit of the
-test gap against M and the M it puts at a 3-point gap. `--quick`: the tiny model on synthetic data, 20 owners,
+test gap against M and the M it puts at a 3-point gap, and the start (the adapter before any round: MiniLM's
+zero-shot head) on both splits. `--set` adds Hydra overrides to both arms (e.g. a smaller adapter: the noise on
+the mean is per coordinate, so its norm grows with the square root of the adapter's size). `--quick`: the tiny model on synthetic data, 20 owners,
 2 rounds (minutes; checks the pipeline, measures nothing).
 """
 
@@ -68,9 +70,10 @@ def fraction_for(per_round: int, population: int) -> float:
     return fraction if int(population * fraction) == per_round else fraction + 1e-9
 
 
-def measure(out: Path, population: int, per_round: list[int], rounds: int, epsilon: float, quick: bool) -> dict:
+def measure(out: Path, population: int, per_round: list[int], rounds: int, epsilon: float, quick: bool,
+            extra: list[str] = ()) -> dict:
     common = [*(QUICK if quick else FULL)["overrides"], f"num_rounds={rounds}", f"sweep.num_supernodes={population}",
-              "seed=0"]
+              "seed=0", *extra]
     rows = []
     for m in per_round:
         reference = out / f"reference-m{m}"
@@ -78,7 +81,7 @@ def measure(out: Path, population: int, per_round: list[int], rounds: int, epsil
         metrics = json.loads(next(reference.rglob("metrics.json")).read_text())
         clip = round(statistics.median(c["update_norm"] for r in metrics["rounds"] for c in r["clients"]), 4)
         user = out / f"user-m{m}"
-        run_stage(user, [*common, "strategy.fraction_train=1.0", "strategy.user_dp.enabled=true",
+        run_stage(user, [*common, "eval.start=false", "strategy.fraction_train=1.0", "strategy.user_dp.enabled=true",
                          "strategy.user_dp.sampling=poisson", f"strategy.user_dp.population={population}",
                          f"strategy.user_dp.owners_per_round={m}", f"strategy.user_dp.clipping_norm={clip}",
                          f"strategy.user_dp.target_epsilon={epsilon}"], "user-level")
@@ -92,8 +95,10 @@ def measure(out: Path, population: int, per_round: list[int], rounds: int, epsil
             "reference": {"validation": final(reference)[0], "test": final(reference, "test_accuracy")[0]},
             "user_level": {"validation": final(user)[0], "test": final(user, "test_accuracy")[0]}})
         rows[-1]["test_gap"] = rows[-1]["reference"]["test"] - rows[-1]["user_level"]["test"]
-    return {"population": population, "rounds": rounds, "epsilon": epsilon, "delta": 1e-5,
-            "majority_class": record["evaluation_split"]["majority_class"], "rows": rows,
+    initial = json.loads(next((out / f"reference-m{per_round[0]}").rglob("metrics.json")).read_text())["initial"]
+    return {"population": population, "rounds": rounds, "epsilon": epsilon, "delta": 1e-5, "overrides": list(extra),
+            "majority_class": record["evaluation_split"]["majority_class"],
+            "start": {"validation": initial["accuracy"], "test": initial.get("test_accuracy")}, "rows": rows,
             "fit": gap_fit(rows)}
 
 
@@ -117,7 +122,9 @@ def gap_fit(rows: list[dict]) -> dict | None:
 def table(result: dict) -> str:
     lines = [f"User-level epsilon {result['epsilon']:g} (delta {result['delta']:g}, Poisson-sampled owners) over "
              f"{result['rounds']} rounds, {result['population']} owners; majority class "
-             f"{100 * result['majority_class']:.1f}%.", "",
+             f"{100 * result['majority_class']:.1f}%; the start (before any round) "
+             f"{100 * result['start']['validation']:.1f} / {100 * result['start']['test']:.1f} (val / test)"
+             + (f"; both arms with {' '.join(result['overrides'])}" if result["overrides"] else "") + ".", "",
              "| owners a round | noise multiplier | noise on the mean (clipping norms) | clipping norm | "
              "non-private val / test | user-level DP val / test | test gap |", "|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:
@@ -159,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--rounds", type=int, default=None, help="default 20; quick 2")
     run.add_argument("--epsilon", type=float, default=8.0, help="user-level epsilon over the run (delta 1e-5)")
     run.add_argument("--quick", action="store_true", help="the tiny model on synthetic data: checks the pipeline")
+    run.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                     help="Hydra overrides for both arms, e.g. model.lora.layers=1 model.lora.r=2")
     args = parser.parse_args(argv)
     if args.command == "run":
         population = (20 if args.quick else 500) if args.population is None else args.population
@@ -166,10 +175,13 @@ def main(argv: list[str] | None = None) -> int:
         rounds = (2 if args.quick else 20) if args.rounds is None else args.rounds
         if args.epsilon <= 0 or rounds < 1 or not all(1 <= m <= population for m in per_round):
             parser.error("--epsilon must be > 0, --rounds >= 1, every --per-round in 1..--population")
+        if any("=" not in o or o.startswith("=") for o in args.set):
+            parser.error(f"--set takes Hydra overrides KEY=VALUE (got {args.set})")
         if not args.quick and not (DATA / "sst2" / "train.jsonl").is_file():
             parser.error(f"{DATA / 'sst2' / 'train.jsonl'} not found: set DPLORA_SHARED_DATA (or run --quick)")
         args.out.mkdir(parents=True, exist_ok=True)
-        result = measure(args.out.resolve(), population, sorted(set(per_round)), rounds, args.epsilon, args.quick)
+        result = measure(args.out.resolve(), population, sorted(set(per_round)), rounds, args.epsilon, args.quick,
+                         args.set)
         (args.out / "user_level.json").write_text(json.dumps(result, indent=2) + "\n")
         (args.out / "user_level.md").write_text(table(result))
         print(table(result))

@@ -61,12 +61,13 @@ class BoundUpdates(StrategyWrapper):
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         replies = list(replies)
-        updates = [self.update(msg.content[protocol.ARRAYS].to_torch_state_dict()) for msg in replies]
-        norms = [math.sqrt(sum(float((u * u).sum()) for u in update.values())) for update in updates]
+        # Two passes, one update in memory at a time: the server holds a round's replies, never their updates too.
+        norms = [update_norm(self.update(msg.content[protocol.ARRAYS].to_torch_state_dict())) for msg in replies]
         bounds = self.bounds(norms, [msg.content[protocol.METRICS]["sample_rate"] for msg in replies])
         kept, kept_norms = [], []
-        for msg, update, norm, bound in zip(replies, updates, norms, bounds, strict=True):
+        for msg, norm, bound in zip(replies, norms, bounds, strict=True):
             node, metrics = msg.metadata.src_node_id, msg.content[protocol.METRICS]
+            update = self.update(msg.content[protocol.ARRAYS].to_torch_state_dict())
             record = {**client_record(node, metrics, metrics["epsilon"]), "update_norm": norm}
             if bound is not None and norm > bound:
                 if self.action == "reject":
@@ -111,6 +112,11 @@ class BoundUpdates(StrategyWrapper):
             candidates = [b for b in (plan[q], observed) if b is not None] or [earlier]
             bounds.append(None if candidates == [None] else min(candidates))
         return bounds
+
+
+def update_norm(update: dict[str, torch.Tensor]) -> float:
+    """The L2 norm of an update over all its tensors."""
+    return math.sqrt(sum(float(u.square().sum()) for u in update.values()))
 
 
 class GuardAggregate(StrategyWrapper):

@@ -20,7 +20,6 @@ compose in dp-accounting's RDP accountant (dplora/user_level.py); scripts/verify
 
 from __future__ import annotations
 
-import math
 import random
 from collections.abc import Iterable
 
@@ -31,6 +30,7 @@ from flwr.serverapp.strategy import Strategy
 from dplora import protocol
 from dplora.privacy import _secret_generator  # the DP-SGD noise's OS-seeded generator
 from dplora.user_level import POISSON_ACCOUNTING, poisson_user_level_epsilon
+from server_app.influence import update_norm
 from server_app.wrapper import log
 
 
@@ -75,7 +75,7 @@ class PoissonUserDP(Strategy):
         for msg in replies:
             state = msg.content[protocol.ARRAYS].to_torch_state_dict()
             update = {k: state[k].double() - current[k].double() for k in current}
-            norm = math.sqrt(sum(float(u.square().sum()) for u in update.values()))
+            norm = update_norm(update)
             scale = min(1.0, self.clipping_norm / norm) if norm > 0 else 1.0
             for k, u in update.items():
                 total[k] += u * scale

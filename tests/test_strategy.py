@@ -258,6 +258,28 @@ def test_update_norm_bound_rejects_or_clips_as_configured(tmp_path):
             assert entry["clients"][2]["clipped_to"] == 8.0
 
 
+def test_bounding_updates_holds_one_update_at_a_time(tmp_path, monkeypatch):
+    """Server memory stays at one round's replies: BoundUpdates never keeps every owner's update at once."""
+    import weakref
+    from server_app.influence import BoundUpdates
+    alive, peak, original = set(), [0], BoundUpdates.update
+
+    def tracked(self, state):
+        update = original(self, state)
+        tensor = update["w"]
+        alive.add(id(tensor))
+        peak[0] = max(peak[0], len(alive))
+        weakref.finalize(tensor, alive.discard, id(tensor))
+        return update
+
+    monkeypatch.setattr(BoundUpdates, "update", tracked)
+    recorder = RunRecorder(tmp_path, {}, num_rounds=1, run_key="k")
+    guard = AdapterFedAvg(recorder, REFERENCE, max_update_norm=8.0)
+    arrays, _ = guard.aggregate_train(1, [_trained(n, float(n)) for n in range(1, 9)])  # 5..8 clipped to norm 8
+    np.testing.assert_allclose(_flat(arrays), np.full((2, 2), (1 + 2 + 3 + 4 * 5) / 8), rtol=1e-6)
+    assert peak[0] <= 2  # one reply's update (and at most the one being replaced), not eight
+
+
 def test_a_failing_aggregator_loses_the_round_not_the_run(tmp_path, monkeypatch):
     recorder = RunRecorder(tmp_path, {}, num_rounds=1, run_key="k")
     guard = AdapterFedAvg(recorder, REFERENCE)
