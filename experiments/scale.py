@@ -177,13 +177,18 @@ def server_cost(layout: dict[str, tuple[int, ...]], strategy: str, n: int, repea
             extra_mb = max(extra_mb, _rss_mb("VmHWM") - before)
             if arrays is None:
                 raise RuntimeError(f"{strategy}: {n} honest replies did not aggregate")
-            for msg in replies:  # what the aggregator saw: the screened adapter, an equal weight
-                msg.content = RecordDict({"arrays": msg.content["arrays"], "metrics": MetricRecord({WEIGHT: 1, "epsilon": 1.0})})
+            del replies, server, arrays
+            # What the aggregator sees, fresh (FedMedian and Krum pop the arrays of the replies they aggregate):
+            # the screened adapter, an equal weight.
+            replies = honest_replies(cfg, reference, n)
+            for msg in replies:
+                msg.content = RecordDict({"arrays": msg.content["arrays"],
+                                          "metrics": MetricRecord({WEIGHT: 1, "epsilon": 1.0})})
             aggregator = build_aggregator(cfg)
             began = time.perf_counter()
             aggregator.aggregate_train(1, replies)
             aggregator_best = min(aggregator_best, time.perf_counter() - began)
-            del replies, server, arrays
+            del replies
     return {"replies": n, "seconds": best, "seconds_per_reply": best / n, "aggregator_seconds": aggregator_best,
             "duties_seconds_per_reply": max(best - aggregator_best, 0.0) / n,
             "replies_mb": replies_mb, "peak_extra_mb": extra_mb, "peak_extra_over_replies": extra_mb / replies_mb}
