@@ -151,3 +151,23 @@ def test_accuracy_after_a_round_does_not_depend_on_the_wire_format(tmp_path):
     assert all(abs(accuracy[d] - accuracy["fp32"]) <= 0.02 for d in ("fp16", "int8"))
     assert all(len(f) == 1 and f[0]["node_id"] == OWNERS + 1 and "format" in f[0]["reason"]
                for f in failures.values())
+
+
+def test_wire_format_comparison_reports_each_format_against_fp32_and_refuses_bad_input(tmp_path, monkeypatch):
+    from experiments import wire_format
+    rows = wire_format.summarize({"fp32": [0.78, 0.79, 0.77], "int8": [0.775, 0.785, 0.78], "fp16": [0.70, 0.71, 0.69]})
+    assert rows["fp32"]["mean"] == pytest.approx(0.78) and "against" not in rows["fp32"]
+    int8 = rows["int8"]["against"]  # -0.0 +- sqrt(0.01^2/3 + 0.005^2/3): within noise
+    assert int8["difference"] == pytest.approx(0.0, abs=1e-12)
+    assert int8["standard_error"] == pytest.approx(math.sqrt((0.01 ** 2 + 0.005 ** 2) / 3)) and int8["within_noise"]
+    assert not rows["fp16"]["against"]["within_noise"]  # 8 points below, standard error 0.8
+    text = wire_format.table({"formats": rows, "bytes": {"per_reply": {"fp32": 117772, "int8": 34003, "fp16": 60166},
+                                                           "fraction": {"fp32": 0.0013, "int8": 0.00037,
+                                                                        "fp16": 0.00066}}})
+    assert "| int8 | 34,003 (0.037%) | 77.50 / 78.50 / 78.00 | 78.00 ± 0.50 | +0.00 (1.29): within noise |" in text
+    assert "outside noise" in text
+    monkeypatch.setattr(wire_format, "DATA", tmp_path / "nowhere")
+    for bad in ([str(tmp_path)], [str(tmp_path), "--dtypes", "int8", "int8"], [str(tmp_path), "--dtypes", "bf16"]):
+        with pytest.raises(SystemExit) as err:
+            wire_format.main(bad)
+        assert err.value.code == 2
