@@ -161,10 +161,12 @@ def test_wire_format_comparison_reports_each_format_against_fp32_and_refuses_bad
     assert int8["difference"] == pytest.approx(0.0, abs=1e-12)
     assert int8["standard_error"] == pytest.approx(math.sqrt((0.01 ** 2 + 0.005 ** 2) / 3)) and int8["within_noise"]
     assert not rows["fp16"]["against"]["within_noise"]  # 8 points below, standard error 0.8
-    text = wire_format.table({"formats": rows, "bytes": {"per_reply": {"fp32": 117772, "int8": 34003, "fp16": 60166},
-                                                           "fraction": {"fp32": 0.0013, "int8": 0.00037,
-                                                                        "fp16": 0.00066}}})
-    assert "| int8 | 34,003 (0.037%) | 77.50 / 78.50 / 78.00 | 78.00 ± 0.50 | +0.00 (1.29): within noise |" in text
+    text = wire_format.table({"formats": {"validation": rows, "test": wire_format.summarize(
+        {"fp32": [0.8, 0.8, 0.8], "int8": [0.79, 0.8, 0.81], "fp16": [0.7, 0.7, 0.7]})},
+        "bytes": {"per_reply": {"fp32": 117772, "int8": 34003, "fp16": 60166},
+                  "fraction": {"fp32": 0.0013, "int8": 0.00037, "fp16": 0.00066}}})
+    assert ("| int8 | 34,003 (0.037%) | 77.50 / 78.50 / 78.00 | 78.00 ± 0.50 | +0.00 (1.29): within noise | "
+            "80.00 ± 1.00 | +0.00 |") in text
     assert "outside noise" in text
     monkeypatch.setattr(wire_format, "DATA", tmp_path / "nowhere")
     for bad in ([str(tmp_path)], [str(tmp_path), "--dtypes", "int8", "int8"], [str(tmp_path), "--dtypes", "bf16"]):
