@@ -23,6 +23,7 @@ when it is small against the mean of the clipped updates.
    tried per M; chosen on training data, never on the test split).
 Both arms are scored on the validation split every round and on the test split at the end (eval.also_test).
 OUT_DIR/user_level.json and .md: per M the noise multiplier and the noise on the mean (in clipping norms),
+the noise vector's norm against the clipping norm (noise on the mean x the square root of the adapter's values),
 validation and test accuracy of both arms, the gap, and (where the gap shrinks with M) the log-log fit of the
 test gap against M and the M it puts at a 3-point gap, and the start (the adapter before any round: MiniLM's
 zero-shot head) on both splits. `--set` adds Hydra overrides to both arms (e.g. a smaller adapter: the noise on
@@ -38,6 +39,7 @@ import math
 import statistics
 from pathlib import Path
 
+from dplora import config, models
 from dplora.user_level import user_level_noise
 from experiments.stages import DATA, final
 from experiments.stages import sweep as run_stage
@@ -70,11 +72,17 @@ def fraction_for(per_round: int, population: int) -> float:
     return fraction if int(population * fraction) == per_round else fraction + 1e-9
 
 
+def adapter_values(overrides: list[str]) -> int:
+    """The coordinates the server clips and noises: the adapter an owner sends (B + head with FFA-LoRA)."""
+    model, _ = models.build_model(config.compose([o for o in overrides if not o.startswith("sweep.")]), "cpu")
+    return sum(v.numel() for v in models.adapter_state(model).values())
+
+
 def measure(out: Path, population: int, per_round: list[int], rounds: int, epsilon: float, quick: bool,
             extra: list[str] = ()) -> dict:
     common = [*(QUICK if quick else FULL)["overrides"], f"num_rounds={rounds}", f"sweep.num_supernodes={population}",
               "seed=0", *extra]
-    rows = []
+    rows, size = [], adapter_values(common)
     for m in per_round:
         reference = out / f"reference-m{m}"
         run_stage(reference, [*common, f"strategy.fraction_train={fraction_for(m, population)}"], "user-level")
@@ -91,12 +99,14 @@ def measure(out: Path, population: int, per_round: list[int], rounds: int, epsil
             "per_round": m, "sample_rate": guarantee["sample_rate"], "clipping_norm": clip,
             "noise_multiplier": guarantee["noise_multiplier"],
             "noise_on_mean": guarantee["noise_multiplier"] / m, "user_level_epsilon": guarantee["epsilon"],
+            "noise_norm_over_clipping_norm": guarantee["noise_multiplier"] / m * math.sqrt(size),
             "sampled": [r["user_level"]["sampled"] for r in record["rounds"]],
             "reference": {"validation": final(reference)[0], "test": final(reference, "test_accuracy")[0]},
             "user_level": {"validation": final(user)[0], "test": final(user, "test_accuracy")[0]}})
         rows[-1]["test_gap"] = rows[-1]["reference"]["test"] - rows[-1]["user_level"]["test"]
     initial = json.loads(next((out / f"reference-m{per_round[0]}").rglob("metrics.json")).read_text())["initial"]
     return {"population": population, "rounds": rounds, "epsilon": epsilon, "delta": 1e-5, "overrides": list(extra),
+            "adapter_values": size,
             "majority_class": record["evaluation_split"]["majority_class"],
             "start": {"validation": initial["accuracy"], "test": initial.get("test_accuracy")}, "rows": rows,
             "fit": gap_fit(rows)}
@@ -124,12 +134,14 @@ def table(result: dict) -> str:
              f"{result['rounds']} rounds, {result['population']} owners; majority class "
              f"{100 * result['majority_class']:.1f}%; the start (before any round) "
              f"{100 * result['start']['validation']:.1f} / {100 * result['start']['test']:.1f} (val / test)"
-             + (f"; both arms with {' '.join(result['overrides'])}" if result["overrides"] else "") + ".", "",
-             "| owners a round | noise multiplier | noise on the mean (clipping norms) | clipping norm | "
-             "non-private val / test | user-level DP val / test | test gap |", "|---:|---:|---:|---:|---:|---:|---:|"]
+             + (f"; both arms with {' '.join(result['overrides'])}" if result["overrides"] else "")
+             + f" ({result['adapter_values']:,} adapter values).", "",
+             "| owners a round | noise multiplier | noise on the mean (clipping norms per value) | its norm / "
+             "clipping norm | clipping norm | non-private val / test | user-level DP val / test | test gap |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:
         lines.append(f"| {r['per_round']} | {r['noise_multiplier']:.3f} | {r['noise_on_mean']:.4f} | "
-                     f"{r['clipping_norm']:g} | {100 * r['reference']['validation']:.1f} / "
+                     f"{r['noise_norm_over_clipping_norm']:.2f} | {r['clipping_norm']:g} | {100 * r['reference']['validation']:.1f} / "
                      f"{100 * r['reference']['test']:.1f} | {100 * r['user_level']['validation']:.1f} / "
                      f"{100 * r['user_level']['test']:.1f} | {100 * r['test_gap']:.1f} |")
     fit = result["fit"]

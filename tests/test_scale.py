@@ -102,10 +102,13 @@ def test_user_level_run_fits_the_gap_and_refuses_bad_input(tmp_path, monkeypatch
             user_level.main(bad)
         assert err.value.code == 2
     row = {"per_round": 10, "noise_multiplier": 0.5, "noise_on_mean": 0.05, "clipping_norm": 2.0,
+           "noise_norm_over_clipping_norm": 5.0,
            "reference": {"validation": 0.8, "test": 0.78}, "user_level": {"validation": 0.7, "test": 0.68},
            "test_gap": 0.1}
     text = user_level.table({"epsilon": 8.0, "delta": 1e-5, "rounds": 3, "population": 100, "majority_class": 0.5,
-                             "start": {"validation": 0.75, "test": 0.72}, "overrides": ["model.lora.r=2"],
+                             "start": {"validation": 0.75, "test": 0.72}, "overrides": ["model.lora.r=2"], "adapter_values": 10_000,
                              "rows": [row], "fit": None})
     assert "the start (before any round) 75.0 / 72.0" in text and "model.lora.r=2" in text
-    assert "| 10 | 0.500 | 0.0500 | 2 | 80.0 / 78.0 | 70.0 / 68.0 | 10.0 |" in text
+    assert "| 10 | 0.500 | 0.0500 | 5.00 | 2 | 80.0 / 78.0 | 70.0 / 68.0 | 10.0 |" in text and "10,000 adapter" in text
+    assert user_level.adapter_values(["model=tiny-llama", "model.lora.train_a=false", "sweep.num_supernodes=3"]) < \
+        user_level.adapter_values(["model=tiny-llama", "model.lora.train_a=true", "sweep.num_supernodes=3"])  # FFA: B only
