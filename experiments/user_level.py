@@ -1,7 +1,7 @@
 """User-level DP at scale: how much noise on the mean a user-level budget costs, with and without sampling owners.
 
     python scripts/user_level.py plan [--epsilon 8] [--delta 1e-5] [--rounds 20] [--owners 100:10 500:50 ...]
-    python scripts/user_level.py run OUT_DIR [--population 500] [--per-round 10 25 50] [--rounds 20]
+    python scripts/user_level.py run OUT_DIR [--population 500] [--per-round 10 50] [--rounds 3]
                                              [--epsilon 8] [--quick] [--set KEY=VALUE ...]
 
 `plan` prints, for each population:owners-per-round pair, the noise multiplier that reaches the user-level
@@ -27,7 +27,9 @@ the noise vector's norm against the clipping norm (noise on the mean x the squar
 validation and test accuracy of both arms, the gap, and (where the gap shrinks with M) the log-log fit of the
 test gap against M and the M it puts at a 3-point gap, and the start (the adapter before any round: MiniLM's
 zero-shot head) on both splits. `--set` adds Hydra overrides to both arms (e.g. a smaller adapter: the noise on
-the mean is per coordinate, so its norm grows with the square root of the adapter's size). `--quick`: the tiny model on synthetic data, 20 owners,
+the mean is per coordinate, so its norm grows with the square root of the adapter's size; docs/RESULTS.md's
+run: `--set model.lora.layers=1 model.lora.r=2 model.lora.alpha=4 "model.lora.target_modules=[query,value]"`,
+42 min here; each round of 50 MiniLM owners takes ~5 min on 2 cores). `--quick`: the tiny model on synthetic data, 20 owners,
 2 rounds (minutes; checks the pipeline, measures nothing).
 """
 
@@ -174,8 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("out", type=Path)
     run.add_argument("--population", type=int, default=None, help="owners in the federation (default 500; quick 20)")
     run.add_argument("--per-round", type=int, nargs="+", default=None,
-                     help="expected owners a round (default 10 25 50; quick 4 8)")
-    run.add_argument("--rounds", type=int, default=None, help="default 20; quick 2")
+                     help="expected owners a round (default 10 50; quick 4 8)")
+    run.add_argument("--rounds", type=int, default=None, help="default 3; quick 2")
     run.add_argument("--epsilon", type=float, default=8.0, help="user-level epsilon over the run (delta 1e-5)")
     run.add_argument("--quick", action="store_true", help="the tiny model on synthetic data: checks the pipeline")
     run.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
@@ -183,8 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "run":
         population = (20 if args.quick else 500) if args.population is None else args.population
-        per_round = ([4, 8] if args.quick else [10, 25, 50]) if args.per_round is None else args.per_round
-        rounds = (2 if args.quick else 20) if args.rounds is None else args.rounds
+        per_round = ([4, 8] if args.quick else [10, 50]) if args.per_round is None else args.per_round
+        rounds = (2 if args.quick else 3) if args.rounds is None else args.rounds
         if args.epsilon <= 0 or rounds < 1 or not all(1 <= m <= population for m in per_round):
             parser.error("--epsilon must be > 0, --rounds >= 1, every --per-round in 1..--population")
         if any("=" not in o or o.startswith("=") for o in args.set):
