@@ -24,10 +24,9 @@ import math
 import statistics
 from pathlib import Path
 
-import torch
-
-from dplora import config, models, transport
+from dplora import config, models
 from dplora.config import TRANSPORT_DTYPES
+from experiments.scale import bytes_per_round
 from experiments.stages import DATA, final
 from experiments.stages import sweep as run_stage
 
@@ -38,15 +37,15 @@ SPLITS = {"validation": "accuracy", "test": "test_accuracy"}  # metrics.json's k
 
 
 def reply_bytes() -> dict:
-    """Bytes of one reply in each format for the adapter the DP recipe trains, and the model's own bytes."""
+    """Bytes of one reply in each format for the adapter the DP recipe trains (scale.bytes_per_round), and the
+    model's own bytes."""
     cfg = config.compose([c for c in CELL if not c.startswith(("sweep.", "eval.", "dataset.validation"))])
     model, _ = models.build_model(cfg, "cpu")
     full = sum(p.numel() * p.element_size() for name, p in model.named_parameters()
                if "lora_" not in name and "modules_to_save" not in name)
-    start = models.adapter_state(model)
-    trained = {k: v + 1e-3 * torch.randn_like(v) for k, v in start.items()}
-    sent = {d: transport.wire_bytes(transport.encode(trained, start, d)) for d in TRANSPORT_DTYPES}
-    return {"model_bytes": full, "values": sum(v.numel() for v in start.values()), "per_reply": sent,
+    layout = {k: tuple(v.shape) for k, v in models.adapter_state(model).items()}
+    sent = bytes_per_round(layout, ())["per_reply"]
+    return {"model_bytes": full, "values": sum(math.prod(s) for s in layout.values()), "per_reply": sent,
             "fraction": {d: b / full for d, b in sent.items()}}
 
 
