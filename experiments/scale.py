@@ -59,8 +59,9 @@ ADAPTERS = {  # name -> (overrides that build a model with that adapter, what it
             "(the MLP width, which no adapter touches, kept small)"),
     "tiny": ("model=tiny-llama", "the tiny test model's adapter (--quick)"),
 }
-PLAN = "train.sample_rate=0.1 train.local_epochs=1 num_rounds=4"  # the round's public plan: 10 steps a round
-PER_OWNER_PLAN = "train.sample_rate=null train.batch_size=16 train.local_epochs=1 num_rounds=4"  # q per owner
+# the round's public plan, 10 steps a round; the server-cost replies are fp32 adapters (the costliest to decode)
+PLAN = "train.sample_rate=0.1 train.local_epochs=1 num_rounds=4 transport.dtype=fp32"
+PER_OWNER_PLAN = "train.sample_rate=null train.batch_size=16 train.local_epochs=1 num_rounds=4 transport.dtype=fp32"
 RATES_OWNERS = 10  # owners with distinct sample rates (each costs the server an accountant evaluation)
 PER_OWNER = 16  # records per owner in the round-time simulations
 ROUND_BASE = ("model=tiny-llama train.local_epochs=1 train.sample_rate=0.25 train.batch_size=null "

@@ -20,8 +20,9 @@ def test_quick_benchmark_writes_every_figure(tmp_path):
         assert math.isfinite(result[field]) and result[field] > 0, field
     assert 0 < result["upload_fraction"] < 1
     by_format = result["upload_fraction_by_format"]  # smaller formats send fewer bytes; FFA fewer than LoRA
-    assert by_format["int8"] < by_format["fp16"] < by_format["fp32"] == result["upload_fraction"]
     upload = result["upload"]["tiny-llama"]
+    assert by_format["int8"] < by_format["fp16"] < by_format["fp32"]
+    assert upload["default"]["dtype"] == "int8" and result["upload_fraction"] == by_format["int8"]  # DP's default
     assert all(upload["ffa"]["upload_bytes"][d] < 0.6 * upload["lora"]["upload_bytes"][d] for d in by_format)
     step = result["step_time"]["tiny-llama"]
     assert step["best_mode"] in step["ratio"] and "hooks" in step["ratio"]

@@ -21,7 +21,8 @@ from .test_strategy import _reply, task_identity  # noqa: F401 - the fixture is 
 
 STRATEGIES = sorted(p.stem for p in (ROOT / "conf" / "strategy").glob("*.yaml"))
 EXTRA = {"bulyan": "strategy.aggregator.num_malicious_nodes=0"}  # Bulyan needs n >= 4f + 3
-PLAN = "train.sample_rate=0.1 train.local_epochs=1 num_rounds=3 train.learning_rate=0.03"  # 10 AdamW steps a round
+PLAN = ("train.sample_rate=0.1 train.local_epochs=1 num_rounds=3 train.learning_rate=0.03"  # 10 AdamW steps a round
+        " transport.dtype=fp32")  # the replies built here are fp32 adapters
 REFERENCE = ArrayRecord({"w": Array(np.zeros((2, 2), dtype=np.float32))})
 BOUND = adam_update_bound(config.compose(PLAN).train, 10, 4, 0.0)  # 10 x 0.03 x 3.16 x sqrt(4) = 1.90
 

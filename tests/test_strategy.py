@@ -40,7 +40,9 @@ SETTINGS = {"timeout": "strategy.round_timeout", "max_update_norm": "strategy.ma
 def AdapterFedAvg(recorder, reference, *, privacy=DP, min_clients=1, strategy="fedavg", overrides="",
                   **kwargs):
     """The server's strategy as the ServerApp builds it: a Flower aggregator from conf/strategy/ inside the
-    server's duties (server_app/strategy.py)."""
+    server's duties (server_app/strategy.py). The replies built here are fp32 adapters (DP's own default
+    upload is int8: conf/recipe/dp.yaml)."""
+    kwargs.setdefault("transport_dtype", "fp32")
     settings = " ".join(f"{SETTINGS[k]}={v}" for k, v in kwargs.items())
     private = "" if privacy is DP else "privacy=none"
     cfg = _compose(f"{PLAN} strategy={strategy} strategy.min_clients={min_clients} {private} {settings} {overrides}")
