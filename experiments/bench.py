@@ -11,7 +11,8 @@ side by side in this one run (docs/PERFORMANCE.md).
    MiniLM classification and tiny-llama causal LM, per Opacus grad_sample_mode; interleaved repeats, medians.
 2. memory: peak resident memory of a client's training with DP / without (each in a fresh process).
 3. upload: bytes of the adapter a client sends per round / bytes of the full model's weights, for each wire
-   format (transport.dtype fp32, fp16, int8), with LoRA and with FFA-LoRA (model.lora.train_a=false).
+   format (transport.dtype fp32, fp16, int8), with LoRA and with FFA-LoRA (model.lora.train_a=false) of rank 8,
+   and for the default (the DP recipe's adapter in its wire format: upload_fraction).
 4. Flower overhead: wall time of `flwr run` (a local simulation) / the same training, aggregation and
    evaluation in a plain Python loop (a separate process, calling the same dplora functions).
 5. round time vs number of sampled clients (fixed data per client), with a least-squares line.
@@ -195,25 +196,30 @@ def memory(model_name: str, overrides: str, batch_size: int, steps: int, mode: s
 
 # ---------------------------------------------------------------------------------------- 3. upload
 
+def upload_bytes(cfg) -> dict:
+    """Bytes of one reply's arrays (as the ArrayRecord carries them) in every wire format, for the adapter `cfg`
+    builds, and the bytes of the model without the adapter. The update encoded is a real-sized random one."""
+    model, _ = models.build_model(cfg, "cpu")
+    full = sum(p.numel() * p.element_size() for name, p in model.named_parameters()
+               if "lora_" not in name and "modules_to_save" not in name)  # the model without the adapter
+    start = models.adapter_state(model)
+    trained = {k: v + 1e-3 * torch.randn_like(v) for k, v in start.items()}
+    sent = {dtype: transport.wire_bytes(transport.encode(trained, start, dtype)) for dtype in TRANSPORT_DTYPES}
+    return {"upload_bytes": sent, "model_bytes": full, "fraction": {dtype: b / full for dtype, b in sent.items()},
+            "tensors": len(start), "values": sum(v.numel() for v in start.values())}
+
+
 def upload(model_name: str, overrides: str) -> dict:
-    """Bytes of one reply's arrays (as the ArrayRecord carries them) / bytes of the full model, for every wire
-    format, for the configured adapter and for FFA-LoRA. The update encoded is a real-sized random one."""
-    result = {}
-    for variant, extra in (("lora", ""), ("ffa", " model.lora.train_a=false")):
-        cfg = config.compose(f"{PLAIN} model={model_name} {overrides}{extra}")
-        model, _ = models.build_model(cfg, "cpu")
-        full = sum(p.numel() * p.element_size() for name, p in model.named_parameters()
-                   if "lora_" not in name and "modules_to_save" not in name)  # the model without the adapter
-        start = models.adapter_state(model)
-        trained = {k: v + 1e-3 * torch.randn_like(v) for k, v in start.items()}
-        sent = {dtype: transport.wire_bytes(transport.encode(trained, start, dtype)) for dtype in TRANSPORT_DTYPES}
-        result[variant] = {"upload_bytes": sent, "model_bytes": full,
-                           "fraction": {dtype: b / full for dtype, b in sent.items()},
-                           "tensors": len(start), "values": sum(v.numel() for v in start.values())}
+    """Upload / full model for every wire format: LoRA r 8 and FFA-LoRA r 8 (recipe=plain's adapter, without and
+    with A frozen), and what a user gets by default (the DP recipe's adapter in its wire format)."""
+    result = {variant: upload_bytes(config.compose(f"{PLAIN} model={model_name} {overrides}{extra}"))
+              for variant, extra in (("lora", ""), ("ffa", " model.lora.train_a=false"))}
     default = config.compose(f"model={model_name} {overrides}")  # what a user gets: the DP recipe
-    variant = "lora" if default.model.lora.train_a else "ffa"
-    result["default"] = {"variant": variant, "dtype": default.transport.dtype,
-                         "fraction": result[variant]["fraction"][default.transport.dtype]}
+    sizes = upload_bytes(default)
+    dtype = default.transport.dtype
+    result["default"] = {"variant": "lora" if default.model.lora.train_a else "ffa", "rank": default.model.lora.r,
+                         "dtype": dtype, "values": sizes["values"], "upload_bytes": sizes["upload_bytes"][dtype],
+                         "fraction": sizes["fraction"][dtype]}
     return result
 
 
@@ -518,7 +524,10 @@ def table(result: dict) -> str:
             v = r[variant]
             sizes = ", ".join(f"{d} {100 * v['fraction'][d]:.3f}% ({v['upload_bytes'][d] / 1e3:.0f} kB)"
                               for d in TRANSPORT_DTYPES)
-            lines.append(f"| upload / full model ({v['model_bytes'] / 1e6:.1f} MB), {name}, {label} | {sizes} |")
+            lines.append(f"| upload / full model ({v['model_bytes'] / 1e6:.1f} MB), {name}, {label} r 8 | {sizes} |")
+        d = r["default"]
+        lines.append(f"| upload / full model, {name}, the default (DP recipe: {d['variant']} r {d['rank']}, "
+                     f"{d['dtype']}) | {100 * d['fraction']:.3f}% ({d['upload_bytes'] / 1e3:.0f} kB) |")
     if "flower_overhead" in result:
         o, fit = result["flower_overhead"], result["round_time_fit"]
         lines.append(f"| `flwr run` / plain loop ({o['clients']} clients) | {result['flower_overhead_ratio']:.3f}x "

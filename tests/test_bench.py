@@ -22,7 +22,9 @@ def test_quick_benchmark_writes_every_figure(tmp_path):
     by_format = result["upload_fraction_by_format"]  # smaller formats send fewer bytes; FFA fewer than LoRA
     upload = result["upload"]["tiny-llama"]
     assert by_format["int8"] < by_format["fp16"] < by_format["fp32"]
-    assert upload["default"]["dtype"] == "int8" and result["upload_fraction"] == by_format["int8"]  # DP's default
+    default = upload["default"]  # the DP recipe: FFA-LoRA r 4 as int8, below FFA r 8 as int8
+    assert default["dtype"] == "int8" and default["rank"] == 4 and default["variant"] == "ffa"
+    assert result["upload_fraction"] == default["fraction"] < by_format["int8"]
     assert all(upload["ffa"]["upload_bytes"][d] < 0.6 * upload["lora"]["upload_bytes"][d] for d in by_format)
     step = result["step_time"]["tiny-llama"]
     assert step["best_mode"] in step["ratio"] and "hooks" in step["ratio"]
