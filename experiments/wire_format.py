@@ -24,9 +24,9 @@ import math
 import statistics
 from pathlib import Path
 
-from dplora import config, models
+from dplora import config
 from dplora.config import TRANSPORT_DTYPES
-from experiments.scale import bytes_per_round
+from experiments.bench import upload_bytes
 from experiments.stages import DATA, final
 from experiments.stages import sweep as run_stage
 
@@ -37,16 +37,12 @@ SPLITS = {"validation": "accuracy", "test": "test_accuracy"}  # metrics.json's k
 
 
 def reply_bytes() -> dict:
-    """Bytes of one reply in each format for the adapter the DP recipe trains (scale.bytes_per_round), and the
+    """Bytes of one reply in each format for the adapter the DP recipe trains (bench.upload_bytes), and the
     model's own bytes."""
-    cfg = config.compose([c for c in CELL if not c.startswith(("sweep.", "eval.", "dataset.validation"))])
-    model, _ = models.build_model(cfg, "cpu")
-    full = sum(p.numel() * p.element_size() for name, p in model.named_parameters()
-               if "lora_" not in name and "modules_to_save" not in name)
-    layout = {k: tuple(v.shape) for k, v in models.adapter_state(model).items()}
-    sent = bytes_per_round(layout, ())["per_reply"]
-    return {"model_bytes": full, "values": sum(math.prod(s) for s in layout.values()), "per_reply": sent,
-            "fraction": {d: b / full for d, b in sent.items()}}
+    cell = [c for c in CELL if not c.startswith(("sweep.", "eval.", "dataset.validation"))]
+    sizes = upload_bytes(config.compose(cell))
+    return {"model_bytes": sizes["model_bytes"], "values": sizes["values"], "per_reply": sizes["upload_bytes"],
+            "fraction": sizes["fraction"]}
 
 
 def summarize(accuracies: dict[str, list[float]]) -> dict:
