@@ -138,35 +138,78 @@ def finished_run(output_dir: Path, overrides: str, num_supernodes: int | None = 
     (as the sweep recorded it: sweep.json, or the `sweep` key of the config in records from before the sweep
     settings left conf/); None otherwise. A sweep run again into the same folder skips such jobs, so an
     interrupted grid continues with the job it was in."""
+    if (metrics := _finished(output_dir)) is None or _comparable(metrics["config"]) != _wanted(overrides):
+        return None
+    if num_supernodes is not None and _owners(output_dir, metrics["config"]) != num_supernodes:
+        return None
+    return metrics
+
+
+def finished_elsewhere(output_dir: Path, overrides: str, num_supernodes: int) -> str | None:
+    """Why `output_dir` holds a finished run that is not the run `overrides` and `num_supernodes` ask for, or
+    None (no finished run there, or that very run). A sweep must not overwrite it."""
+    if (metrics := _finished(output_dir)) is None:
+        return None
+    if (difference := config_difference(_comparable(metrics["config"]), _wanted(overrides))) is not None:
+        return f"another config ({difference})"
+    owners = _owners(output_dir, metrics["config"])
+    return None if owners in (None, num_supernodes) else f"another owner count ({owners}, {num_supernodes} now)"
+
+
+def _finished(output_dir: Path) -> dict | None:
+    """The metrics.json in `output_dir` if it records every round its config planned and the run is not marked
+    FAILED (a killed or failed run loses nothing by running again); None otherwise."""
     path = output_dir / "metrics.json"
     if not path.is_file() or (output_dir / "FAILED").exists():
         return None
     try:
         metrics = json.loads(path.read_text())
-    except (OSError, ValueError):
+        return metrics if len(metrics.get("rounds") or []) == int(metrics["config"]["num_rounds"]) else None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
-    wanted = json.loads(json.dumps(config.to_dict(config.compose(overrides))))  # as metrics.json holds it
-    if not isinstance(metrics, dict) or not isinstance(metrics.get("config"), dict):
-        return None
-    if _comparable(metrics["config"]) != _comparable(wanted):
-        return None
-    if num_supernodes is not None and _owners(output_dir, metrics["config"]) != num_supernodes:
-        return None
-    return metrics if len(metrics.get("rounds") or []) == wanted["num_rounds"] else None
+
+
+def _wanted(overrides: str) -> dict:
+    return _comparable(json.loads(json.dumps(config.to_dict(config.compose(overrides)))))  # as metrics.json holds it
+
+
+# Keys conf/ gained after runs were recorded, each with the value that does what a record without it did: a record
+# that lacks one is compared as if it held that value.
+ADDED_KEYS = {("eval", "start"): True,                      # round 0 was always scored
+              ("strategy", "user_dp", "sampling"): "fixed",  # Flower's fixed-size owner sampling, the only kind
+              ("strategy", "user_dp", "population"): None}   # (used by poisson sampling only)
 
 
 def _comparable(cfg: dict) -> dict:
     """A run's config as finished_run compares it. Records from before the sweep settings left conf/ hold a
     `sweep` key (the owner count: the sweep's own setting now, compared apart) and, with user-level DP off,
     `strategy.user_dp.owners_per_round` set to that owner count (now null unless user-level DP is on, and
-    unused while it is off): neither is compared."""
-    cfg = {key: value for key, value in cfg.items() if key != "sweep"}
+    unused while it is off): neither is compared. Keys added to conf/ since (ADDED_KEYS) take the value that
+    reproduces what the record did."""
+    cfg = json.loads(json.dumps({key: value for key, value in cfg.items() if key != "sweep"}))  # a copy
+    for path, value in ADDED_KEYS.items():
+        parent = cfg
+        for key in path[:-1]:
+            parent = parent.get(key) if isinstance(parent, dict) else None
+        if isinstance(parent, dict):
+            parent.setdefault(path[-1], value)
     strategy = cfg.get("strategy")
     user_dp = strategy.get("user_dp") if isinstance(strategy, dict) else None
     if isinstance(user_dp, dict) and not user_dp.get("enabled"):
         user_dp = {key: value for key, value in user_dp.items() if key != "owners_per_round"}
         cfg["strategy"] = {**strategy, "user_dp": user_dp}
     return cfg
+
+
+def config_difference(recorded: dict, wanted: dict, prefix: str = "") -> str | None:
+    """The first dotted key where two configs (as _comparable gives them) differ, with both values; None if equal."""
+    if isinstance(recorded, dict) and isinstance(wanted, dict):
+        for key in sorted(set(recorded) | set(wanted)):
+            if (found := config_difference(recorded.get(key, "<absent>"), wanted.get(key, "<absent>"),
+                                           f"{prefix}{key}.")) is not None:
+                return found
+        return None
+    return None if recorded == wanted else f"{prefix.rstrip('.')}: {recorded!r} recorded, {wanted!r} now"
 
 
 def _owners(output_dir: Path, recorded: dict) -> int | None:

@@ -12,7 +12,8 @@ is in no job's config, and each job records it in sweep.json beside metrics.json
 printed as they come. A failed job is reported, the sweep goes on, and the script exits 1 at the end naming
 every failed job. A job whose folder already holds a finished run of the same config and owner count (every
 round of it in metrics.json) is skipped, so a multirun repeated into the same hydra.sweep.dir continues with
-the job it stopped in. Then: python scripts/report.py multirun/<date>/<time> --out DIR
+the job it stopped in; a folder holding a finished run of another config or owner count is never overwritten
+(the job fails, naming the first key that differs). Then: python scripts/report.py multirun/<date>/<time> --out DIR
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from dplora import config
-from experiments.simulation import SimulationError, finished_run, flwr_run, local_superlink
+from experiments.simulation import SimulationError, finished_elsewhere, finished_run, flwr_run, local_superlink
 
 FAILED: list[str] = []
 ENV: dict[str, str] = {}
@@ -74,6 +75,11 @@ def job(cfg: DictConfig) -> float | None:
               f"and {owners} owners), "
               f"accuracy {final['accuracy']:.4f}: skipped (delete the folder to run it again)", flush=True)
         return final["accuracy"]
+    if (other := finished_elsewhere(out, overrides, owners)) is not None:
+        FAILED.append(f"{name} in {out}: holds a finished run of {other}")
+        print(f"[sweep] {name}: NOT RUN: {out} holds a finished run of {other}; move it away or delete it to run "
+              "this job there", flush=True)
+        return None
     print(f"[sweep] {name}: starting, results in {out}", flush=True)
     (out / "FAILED").unlink(missing_ok=True)  # a rerun into the same folder: an old failure no longer applies
     (out / "sweep.json").unlink(missing_ok=True)  # written again once this run has finished

@@ -12,7 +12,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from dplora import config
-from experiments.simulation import finished_run
+from experiments.simulation import finished_elsewhere, finished_run
 from experiments.sweep import take_sweep_settings
 
 from .conftest import ROOT
@@ -62,6 +62,16 @@ def test_sweep_runs_each_job_reports_failures_and_feeds_the_report(tmp_path):
     starts = [line for line in again.stdout.splitlines() if ": starting" in line]
     assert len(starts) == 1 and "job 2 (" in starts[0]
     assert {job: (sweep_dir / job / "metrics.json").stat().st_mtime_ns for job in ("0", "1")} == before
+    # another config into a folder holding a finished run: refused, the run and its log left as they were
+    logs = (sweep_dir / "0" / "flwr.log").read_bytes()
+    other = subprocess.run([sys.executable, "scripts/sweep.py", "-m", OWNERS, *JOB, "privacy.target_epsilon=4",
+                            "seed=1", f"hydra.sweep.dir={sweep_dir}"], cwd=ROOT, capture_output=True, text=True,
+                           timeout=300, check=False)
+    assert other.returncode == 1 and "holds a finished run of another config (seed: 0 recorded, 1 now)" in \
+        other.stderr, other.stdout[-3000:]
+    assert ": starting" not in other.stdout and (sweep_dir / "0" / "flwr.log").read_bytes() == logs
+    assert (sweep_dir / "0" / "metrics.json").stat().st_mtime_ns == before["0"]
+    assert (sweep_dir / "0" / "sweep.json").is_file()
     # only a finished run of exactly this config and owner count counts
     job0 = " ".join([*JOB, "privacy.target_epsilon=4"])
     assert finished_run(sweep_dir / "0", job0, 2)["rounds"][-1]["round"] == 2
@@ -236,6 +246,20 @@ def test_a_run_recorded_before_the_sweep_settings_left_the_config_still_counts_a
     assert finished_run(tmp_path, overrides, 5) is None  # (an interrupted write: owner count unknown)
     (tmp_path / "sweep.json").write_text(json.dumps({"num_supernodes": 2}))
     assert finished_run(tmp_path, overrides, 2) is not None and finished_run(tmp_path, overrides, 5) is None
+    # keys conf/ gained later (eval.start, user_dp.sampling and population): a record without them did what
+    # their values in ADDED_KEYS do, and still counts; a record that holds another value does not
+    for key in ("sampling", "population"):
+        del record["strategy"]["user_dp"][key]
+    del record["eval"]["start"]
+    (tmp_path / "metrics.json").write_text(json.dumps({"config": record, "rounds": rounds}))
+    assert finished_run(tmp_path, overrides, 2) is not None
+    assert finished_run(tmp_path, overrides + " eval.start=false", 2) is None
+    assert finished_elsewhere(tmp_path, overrides + " eval.start=false", 2) == \
+        "another config (eval.start: True recorded, False now)"
+    assert finished_elsewhere(tmp_path, overrides, 2) is None and finished_elsewhere(tmp_path, overrides, 3) == \
+        "another owner count (2, 3 now)"
+    (tmp_path / "metrics.json").write_text(json.dumps({"config": record, "rounds": rounds[:1]}))
+    assert finished_elsewhere(tmp_path, overrides + " seed=1", 2) is None  # unfinished: nothing to lose
     # with user-level DP on, its owners per round is compared like any other key
     on = f"{overrides} strategy.user_dp.enabled=true strategy.user_dp.owners_per_round=2"
     record = json.loads(json.dumps(config.to_dict(config.compose(on))))
