@@ -12,8 +12,8 @@ with the answer, the tokens that carry the loss, a secret of DIGITS random digit
 secrets, each equally likely). PER_COUNT canaries are repeated 1, 4 and 16 times each in owner 0's training data
 (REPETITIONS); REFERENCES more, drawn the same way, are never trained on. The five owners then fine-tune
 federated, in-process (the product's own DP-SGD round, `dplora.train.train_round`, with one accountant per owner
-for the whole run, and the uniform mean of their adapters after every round: FedAvg on equal shares), for each
-arm: non-private (the LLM recipe conf/recipe/llm-none.yaml), epsilon 8 and epsilon 1 (conf/recipe/llm-dp.yaml),
+for the whole run, and the uniform mean of their adapters after every round: FedAvg on equal shares), each arm
+its recipe's own adapter and settings: non-private (the LLM recipe conf/recipe/llm-none.yaml), epsilon 8 and epsilon 1 (conf/recipe/llm-dp.yaml),
 same seeds and data otherwise. Other owners' data is their partition, untouched.
 
 For the model before fine-tuning and after each arm, every canary is scored:
@@ -70,10 +70,10 @@ FULL = {"overrides": "model=smollm2-135m-instruct dataset=fpb dataset.max_train=
                      "eval.split=validation privacy.delta=1e-5 partitioner=iid seed=0",
         "dp": "recipe=llm-dp", "none": "recipe=llm-none privacy=none",
         "digits": 6, "per_count": 4, "references": 8, "candidates": 1000}
-QUICK = {"overrides": "model=tiny-llama recipe=plain dataset.num_train=150 dataset.num_test=20 "
+QUICK = {"overrides": "model=tiny-llama dataset.num_train=150 dataset.num_test=20 "
                       "dataset.validation_fraction=0.2 eval.split=validation num_rounds=2 train.local_epochs=1 "
                       "train.sample_rate=0.25 train.batch_size=null train.learning_rate=0.05 privacy.delta=1e-5 seed=0",
-         "dp": "", "none": "privacy=none",
+         "dp": "recipe=plain model.lora.train_a=false", "none": "recipe=plain privacy=none model.lora.train_a=false",
          "digits": 2, "per_count": 1, "references": 2, "candidates": None}  # None: all of R, enumerated
 
 
@@ -258,12 +258,12 @@ def federate(model, owner_sets: list[TensorDataset], cfg, public_size: int, seed
     return accounts
 
 
-def local_check(model, canaries: list[Canary], tokenizer, cfg, rounds: int = LOCAL_CHECK_ROUNDS,
-                steps: int = LOCAL_CHECK_STEPS) -> dict:
+def local_check(canaries: list[Canary], cfg, rounds: int = LOCAL_CHECK_ROUNDS, steps: int = LOCAL_CHECK_STEPS) -> dict:
     """Can the non-private recipe memorize a secret at all? One owner, no federation, no other data: the trained
     canaries alone, LOCAL_CHECK_COPIES copies each, `rounds` x `steps` steps of the recipe's optimizer (batches
-    of half the set, expected), and every canary's secret log-likelihood before and after each `steps`."""
-    start = models.adapter_state(model)
+    of half the set, expected) on the recipe's own adapter, and every canary's secret log-likelihood before and
+    after each `steps`."""
+    model, tokenizer = models.build_model(cfg)
     trained = [c for c in canaries if c.repetitions]
     records = encode_canaries([replace(c, repetitions=LOCAL_CHECK_COPIES) for c in trained], tokenizer, cfg)
     size = len(records)
@@ -277,10 +277,17 @@ def local_check(model, canaries: list[Canary], tokenizer, cfg, rounds: int = LOC
     for r in range(rounds):
         train_round(model.train(), records, cfg, account, seed=r, steps=steps, name="local check")
         curve.append({"steps": (r + 1) * steps, "log_likelihoods": likelihoods()})
-    models.load_adapter_state(model, start)
     return {"records": size, "copies": LOCAL_CHECK_COPIES, "batch": cfg.train.batch_size,
             "learning_rate": cfg.train.learning_rate, "curve": curve,
             "mean_gain": statistics.mean(curve[-1]["log_likelihoods"]) - statistics.mean(curve[0]["log_likelihoods"])}
+
+
+def adapter(model, cfg) -> dict:
+    """The LoRA adapter an arm trained: its configuration and trainable parameter count."""
+    lora = cfg.model.lora
+    return {"r": lora.r, "alpha": lora.alpha, "target_modules": list(lora.target_modules),
+            "layers": lora.get("layers"), "train_a": bool(lora.train_a),
+            "trainable_parameters": models.num_parameters(model)[0]}
 
 
 def likelihood_gain(before: list[dict], after: list[dict], k: int) -> float:
@@ -376,8 +383,7 @@ def main(argv: list[str] | None = None) -> int:
         "repetitions": list(repetitions), "per_count": plan["per_count"], "references": plan["references"]})
     record.setdefault("arms", [])
 
-    model, tokenizer = models.build_model(cfg0)
-    start = models.adapter_state(model)
+    model, tokenizer = models.build_model(cfg0)  # before fine-tuning: LoRA's B is zero, the base model itself
     if "before" not in record:
         began = time.perf_counter()
         record["before"] = summarize(score_canaries(model, canaries, candidates, tokenizer, cfg0, space, enumerated),
@@ -385,8 +391,7 @@ def main(argv: list[str] | None = None) -> int:
         write_json(args.out, record)
         log(f"before fine-tuning: reference median exposure {record['before']['reference']['median_exposure']:.2f} bits")
     if args.local_check and "local_check" not in record:
-        record["local_check"] = local_check(model, canaries, tokenizer,
-                                            config.compose(f"{base} {plan['none']}".strip()))
+        record["local_check"] = local_check(canaries, config.compose(f"{base} {plan['none']}".strip()))
         write_json(args.out, record)
         log(f"local check: the canaries' secrets gain {record['local_check']['mean_gain']:+.2f} nats on average "
             f"in {LOCAL_CHECK_ROUNDS * LOCAL_CHECK_STEPS} steps on them alone")
@@ -400,6 +405,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         overrides = f"{base} {plan['none'] if arm == 'none' else plan['dp'] + ' privacy.target_epsilon=' + arm}"
         cfg = config.compose(overrides.strip())
+        model, _ = models.build_model(cfg)  # the arm's own adapter: its recipe's LoRA (rank, layers, FFA), B at zero
         owners, public_size = [], None
         for i in range(OWNERS):
             part, public_size = data.client_partition(cfg, i, OWNERS)
@@ -407,7 +413,6 @@ def main(argv: list[str] | None = None) -> int:
         owner_sets = insert_canaries(owners, encode_canaries(canaries, tokenizer, cfg), CANARY_OWNER)
         log(f"{arm_name(arm)}: {OWNERS} owners x {public_size} records; owner {CANARY_OWNER} also holds "
             f"{sum(c.repetitions for c in canaries)} canary records")
-        models.load_adapter_state(model, start)
         began = time.perf_counter()
         accounts = federate(model, owner_sets, cfg, public_size, cfg.seed, log)
         trained = time.perf_counter() - began
@@ -418,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
         record["arms"].append({
             "arm": arm, "epsilon": epsilon, "canary_owner_epsilon": owner.epsilon(),
             "noise_multiplier": owner.noise_multiplier, "sample_rate": owner.sample_rate, "steps": owner.steps,
-            "delta": cfg.privacy.delta if epsilon is not None else None,
+            "delta": cfg.privacy.delta if epsilon is not None else None, "adapter": adapter(model, cfg),
             "validation": evaluate(model, sets, labels, cfg, tokenizer),
             "training_seconds": trained, "seconds": time.perf_counter() - began} | summary)
         write_json(args.out, record)

@@ -92,6 +92,10 @@ def test_quick_mode_end_to_end_resumes_and_refuses_bad_input(tmp_path, capsys):
             assert row["count"] == 1 and 0 <= row["extracted"] <= 1
             assert 0 <= row["median_exposure"] <= math.log2(space)
         assert 0 <= arm["reference"]["median_exposure"] <= math.log2(space)
+    for arm, extra in zip(record["arms"], (mem.QUICK["none"], mem.QUICK["dp"])):  # each arm its recipe's adapter
+        cfg = config.compose(f"{record['settings']['overrides']} {extra}")
+        assert arm["adapter"]["train_a"] is False and arm["adapter"]["r"] == cfg.model.lora.r
+        assert arm["adapter"]["trainable_parameters"] == models.num_parameters(models.build_model(cfg)[0])[0]
     dp = record["arms"][1]
     assert dp["canary_owner_epsilon"] <= 8.0 and dp["noise_multiplier"] > 0 and dp["steps"] > 0
     assert record["arms"][0]["canary_owner_epsilon"] is None
