@@ -1,4 +1,4 @@
-"""The LLM grid's table (docs/RESULTS.md, "The LLM"): one row per dataset x privacy arm, over seeds.
+"""The LLM grid's table (docs/RESULTS.md, "The LLM"): one row per dataset x adapter x privacy arm, over seeds.
 
     python scripts/llm_report.py results/llm [--out results/llm/report]
 
@@ -22,12 +22,20 @@ from pathlib import Path
 METRICS = ("accuracy", "macro_f1", "exact_match", "rouge_l")
 
 
+def adapter(lora: dict) -> str:
+    """The LoRA adapter a job trained, in a few words: e.g. `FFA r4, q_proj+v_proj, all layers`."""
+    layers = "all layers" if lora.get("layers") is None else f"top {lora['layers']} layers"
+    return (f"{'FFA ' if lora.get('train_a') is False else ''}r{lora['r']}, {'+'.join(lora['target_modules'])}, "
+            f"{layers}")
+
+
 def job_row(metrics: dict) -> dict:
     cfg = metrics["config"]
     first, last = metrics.get("initial") or {}, metrics["rounds"][-1]  # the zero-shot start: round 0
     dataset = cfg["dataset"]["name"] + (f"-{cfg['dataset']['max_train']}" if cfg["dataset"].get("max_train") else "")
     eps = [c["epsilon"] for r in metrics["rounds"] for c in r.get("clients", []) if c.get("epsilon") is not None]
-    return {"dataset": dataset, "model": cfg["model"]["name"], "target_epsilon": cfg["privacy"]["target_epsilon"],
+    return {"dataset": dataset, "model": cfg["model"]["name"], "adapter": adapter(cfg["model"]["lora"]),
+            "target_epsilon": cfg["privacy"]["target_epsilon"],
             "seed": cfg["seed"], "rounds": last["round"],
             "zero_shot": {m: first.get(f"test_{m}") for m in METRICS if f"test_{m}" in first},
             "final": {m: last.get(f"test_{m}") for m in METRICS if f"test_{m}" in last},
@@ -58,15 +66,16 @@ def collect(folder: Path) -> tuple[list[dict], list[str]]:
 def summarize(rows: list[dict]) -> list[dict]:
     groups = defaultdict(list)
     for row in rows:
-        groups[(row["dataset"], row["model"], row["target_epsilon"])].append(row)
+        groups[(row["dataset"], row["model"], row["adapter"], row["target_epsilon"])].append(row)
     table = []
-    for (dataset, model, eps), jobs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][2] is None, kv[0][2] or 0)):
+    for (dataset, model, lora, eps), jobs in sorted(groups.items(),
+                                                    key=lambda kv: (kv[0][:3], kv[0][3] is None, kv[0][3] or 0)):
         def stat(part: str, metric: str) -> tuple[float, float] | None:
             values = [j[part][metric] for j in jobs if j[part].get(metric) is not None]
             if not values:
                 return None
             return 100 * statistics.mean(values), 100 * (statistics.stdev(values) if len(values) > 1 else 0.0)
-        table.append({"dataset": dataset, "model": model, "target_epsilon": eps, "seeds": len(jobs),
+        table.append({"dataset": dataset, "model": model, "adapter": lora, "target_epsilon": eps, "seeds": len(jobs),
                       **{f"zero_shot_{m}": stat("zero_shot", m) for m in METRICS},
                       **{f"final_{m}": stat("final", m) for m in METRICS},
                       "validation_accuracy": 100 * statistics.mean(j["validation_accuracy"] for j in jobs),
@@ -78,12 +87,12 @@ def summarize(rows: list[dict]) -> list[dict]:
 def markdown(table: list[dict]) -> str:
     def cell(value) -> str:
         return "-" if value is None else f"{value[0]:.2f} ± {value[1]:.2f}"
-    lines = ["| dataset | target epsilon | seeds | zero-shot accuracy | accuracy | macro-F1 | exact match | ROUGE-L "
-             "| validation accuracy | epsilon spent (max) | seconds per job |", "|" + " --- |" * 11]
+    lines = ["| dataset | adapter | target epsilon | seeds | zero-shot accuracy | accuracy | macro-F1 | exact match | ROUGE-L "
+             "| validation accuracy | epsilon spent (max) | seconds per job |", "|" + " --- |" * 12]
     for r in table:
         eps = "non-private" if r["target_epsilon"] is None else f"{r['target_epsilon']:g}"
         spent = "-" if r["epsilon_spent"] is None else f"{r['epsilon_spent']:.3f}"
-        lines.append(f"| {r['dataset']} | {eps} | {r['seeds']} | {cell(r['zero_shot_accuracy'])} | "
+        lines.append(f"| {r['dataset']} | {r['adapter']} | {eps} | {r['seeds']} | {cell(r['zero_shot_accuracy'])} | "
                      f"{cell(r['final_accuracy'])} | {cell(r['final_macro_f1'])} | {cell(r['final_exact_match'])} | "
                      f"{cell(r['final_rouge_l'])} | {r['validation_accuracy']:.2f} | {spent} | {r['seconds']:.0f} |")
     return "\n".join(lines)

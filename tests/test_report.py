@@ -138,10 +138,13 @@ def test_targets_are_met_or_missed_with_the_numbers_that_decide(tmp_path):
     assert "targets.md" in done.stdout
 
 
-def llm_job(folder, *, seed, epsilon, zero_shot, final, rounds=2, num_rounds=2):
+LORA = {"r": 4, "target_modules": ["q_proj", "v_proj"], "train_a": False, "layers": None}
+
+
+def llm_job(folder, *, seed, epsilon, zero_shot, final, rounds=2, num_rounds=2, lora=LORA):
     folder.mkdir(parents=True)
     config = {"seed": seed, "num_rounds": num_rounds, "dataset": {"name": "fpb", "max_train": 1000},
-              "model": {"name": "smollm2-135m-instruct"}, "privacy": {"target_epsilon": epsilon}}
+              "model": {"name": "smollm2-135m-instruct", "lora": lora}, "privacy": {"target_epsilon": epsilon}}
     clients = [] if epsilon is None else [{"epsilon": epsilon - 0.1}]
     initial = None if zero_shot is None else {  # None: eval.start=false, round 0 not scored
         "accuracy": 0.3, "test_accuracy": zero_shot, "test_macro_f1": zero_shot / 2, "test_exact_match": 0.0}
@@ -152,18 +155,21 @@ def llm_job(folder, *, seed, epsilon, zero_shot, final, rounds=2, num_rounds=2):
 
 
 def test_llm_report_rows_hold_the_zero_shot_start_and_the_final_test_scores_over_seeds(tmp_path):
-    """Jobs that skipped round 0 (eval.start=false) take the zero-shot start of their dataset's job that scored it."""
+    """Jobs that skipped round 0 (eval.start=false) take the zero-shot start of their dataset's job that scored it;
+    jobs of another adapter make rows of their own (the start is the base model's, whatever the adapter)."""
     llm_job(tmp_path / "dp" / "0", seed=0, epsilon=8.0, zero_shot=0.25, final=0.70)
     llm_job(tmp_path / "dp" / "1", seed=1, epsilon=8.0, zero_shot=None, final=0.80)  # eval.start=false
     llm_job(tmp_path / "none" / "0", seed=0, epsilon=None, zero_shot=None, final=0.85)
+    llm_job(tmp_path / "top8" / "0", seed=0, epsilon=8.0, zero_shot=None, final=0.60,
+            lora={"r": 8, "target_modules": ["q_proj", "v_proj"], "train_a": False, "layers": 8})
     llm_job(tmp_path / "killed" / "0", seed=2, epsilon=8.0, zero_shot=0.25, final=0.1, rounds=1)  # unfinished
     run = subprocess.run([sys.executable, "scripts/llm_report.py", str(tmp_path), "--out", str(tmp_path / "r")],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     report = json.loads((tmp_path / "r" / "llm.json").read_text())
-    dp, none = report["rows"]
+    dp, none, top8 = report["rows"]
     assert {j["job"]: j["zero_shot_from"] for j in report["jobs"]} == {  # the start, scored once, for all
-        str(tmp_path / d / "0"): str(tmp_path / "dp" / "0") for d in ("dp", "none")} | {
+        str(tmp_path / d / "0"): str(tmp_path / "dp" / "0") for d in ("dp", "none", "top8")} | {
         str(tmp_path / "dp" / "1"): str(tmp_path / "dp" / "0")}
     assert none["zero_shot_accuracy"] == pytest.approx((25.0, 0.0))
     assert (dp["target_epsilon"], dp["seeds"], none["target_epsilon"], none["seeds"]) == (8.0, 2, None, 1)
@@ -172,4 +178,8 @@ def test_llm_report_rows_hold_the_zero_shot_start_and_the_final_test_scores_over
     assert dp["epsilon_spent"] == pytest.approx(7.9) and none["epsilon_spent"] is None
     assert dp["seconds"] == pytest.approx(100.0) and dp["final_rouge_l"] is None
     assert "unfinished: " in run.stdout and "killed" in run.stdout
-    assert "| fpb-1000 | 8 | 2 | 25.00 ± 0.00 | 75.00 ± 7.07 |" in (tmp_path / "r" / "llm.md").read_text()
+    assert (top8["adapter"], top8["seeds"], top8["final_accuracy"][0]) == ("FFA r8, q_proj+v_proj, top 8 layers", 1,
+                                                                          pytest.approx(60.0))
+    table = (tmp_path / "r" / "llm.md").read_text()
+    assert "| fpb-1000 | FFA r4, q_proj+v_proj, all layers | 8 | 2 | 25.00 ± 0.00 | 75.00 ± 7.07 |" in table
+    assert "| fpb-1000 | FFA r8, q_proj+v_proj, top 8 layers | 8 | 1 | 25.00 ± 0.00 | 60.00 ± 0.00 |" in table
