@@ -3,8 +3,8 @@
     python scripts/llm_probe.py OUT.json [--steps 20] [--trials dp:0.03 none:0.01] [--set OVERRIDE ...]
                                  (resumable: trials recorded in OUT.json are not run again)
 
-SmolLM2-135M-Instruct on the LLM DP recipe's settings (conf/recipe/llm-dp.yaml: FFA-LoRA r 8 on the top 8 layers,
-q = 0.1), FPB's 1,000-sentence subsample with its 20% validation split carved off, owner 0 of 5 (160 records):
+SmolLM2-135M-Instruct on the LLM DP recipe's settings (conf/recipe/llm-dp.yaml) with the adapter the probe's records
+used, FFA-LoRA r 8 on the top 8 layers (the recipes later moved to r 4 on all 30: docs/RESULTS.md), q = 0.1, FPB's 1,000-sentence subsample with its 20% validation split carved off, owner 0 of 5 (160 records):
 `--steps` steps (20: the recipe's two rounds) from the untrained adapter, DP at epsilon 8 (calibrated for those
 steps) or non-private, for each (arm, learning rate) in TRIALS (or --trials); then label-likelihood accuracy and exact match on the 200 validation
 sentences. `--set` adds config overrides to every trial (e.g. `dataset.max_train=null train.sample_rate=0.1`:
@@ -29,7 +29,7 @@ from dplora.train import train_round
 
 DATA = Path(os.environ.get("DPLORA_SHARED_DATA", Path(__file__).resolve().parent.parent.parent / "shared" / "data"))
 BASE = ("model=smollm2-135m-instruct recipe=llm-dp dataset=fpb dataset.max_train=1000 dataset.validation_fraction=0.2 "
-        "eval.split=validation")
+        "eval.split=validation model.lora.r=8 model.lora.alpha=16 model.lora.layers=8")  # the adapter its records used
 TRIALS = [("dp", 0.01), ("dp", 0.03), ("none", 0.01), ("none", 0.03), ("dp", 0.1), ("none", 0.003)]
 STEPS = 20
 

@@ -11,7 +11,7 @@
 #   bash scripts/llm_results.sh [--dry-run] [OUT_DIR]       (default OUT_DIR: results/llm)
 #   LLM_MODEL=qwen2.5-0.5b LLM_SCALE=full bash scripts/llm_results.sh results/llm-gpu   (a GPU: see below)
 #
-# Stages run most-wanted first (FPB at epsilon 8 and non-private, seed 0, then epsilon 8's seeds 1 and 2: one DP
+# Stages run most-wanted first (FPB non-private and at epsilon 8, seed 0, then epsilon 8's seeds 1 and 2: one DP
 # run of 400 validation sentences cannot tell the recipe from its noise; then seed 0 at epsilon 8 and non-private
 # on SST-2 and PubMedQA; then epsilon 1; then FPB's other seeds).
 # Each stage is one Hydra multirun of full `flwr run` simulations (scripts/sweep.py) in OUT_DIR/<stage>/; a
@@ -19,9 +19,10 @@
 # finished job is skipped, so a killed grid continues with the job it was in. A failed stage is retried next
 # time; the script exits 1 naming it.
 #
-# Sizes on a 2-core CPU (SmolLM2-135M, docs/PERFORMANCE.md section 7): one FPB job ~45 min (training 1,280 examples
-# per owner, ~25-30 min; scoring FPB's 970 test sentences twice and 400 validation sentences three times, ~18 min);
-# SST-2 about as long; PubMedQA (prompts of ~430 tokens, 64-token answers) longer, ~1.5 h. LLM_SCALE=full drops the subsampling (every training record) and LLM_MODEL picks
+# Sizes on a 2-core CPU alone (SmolLM2-135M, the recipes' LoRA on all 30 layers): an FPB job at epsilon 8 40 min
+# (training 1,280 examples per owner, 5 owners one after another, ~34 min; scoring 400 validation sentences twice
+# and FPB's 970 test sentences once, ~6 min), ~8 min more where it scores round 0; SST-2 about as long; PubMedQA
+# (prompts of ~430 tokens, 64-token answers) longer, ~2 h. LLM_SCALE=full drops the subsampling (every training record) and LLM_MODEL picks
 # another causal LM (e.g. qwen2.5-0.5b or llama-3.2-1b from the Hub: internet and, in practice, a GPU).
 set -euo pipefail
 {  # bash reads all of it before it runs: editing this file cannot change a grid that is running
@@ -60,8 +61,8 @@ fi
 tag=llm
 source scripts/stage.sh  # stage NAME OVERRIDES...: one multirun into $out/NAME, skipped if it finished before
 
-stage fpb-seed0 "${fpb[@]}" "${dp[@]}" privacy.target_epsilon=8 seed=0
 stage fpb-none-seed0 "${fpb[@]}" "${none[@]}" seed=0
+stage fpb-seed0 "${fpb[@]}" "${dp[@]}" "${again[@]}" privacy.target_epsilon=8 seed=0
 stage fpb-seeds "${fpb[@]}" "${dp[@]}" "${again[@]}" privacy.target_epsilon=8 seed=1,2
 stage sst2-2000-seed0 "${sst2[@]}" "${dp[@]}" privacy.target_epsilon=8 seed=0
 stage sst2-2000-none-seed0 "${sst2[@]}" "${none[@]}" "${again[@]}" seed=0
