@@ -13,8 +13,8 @@ secrets, each equally likely). PER_COUNT canaries are repeated 1, 4 and 16 times
 (REPETITIONS); REFERENCES more, drawn the same way, are never trained on. The five owners then fine-tune
 federated, in-process (the product's own DP-SGD round, `dplora.train.train_round`, with one accountant per owner
 for the whole run, and the uniform mean of their adapters after every round: FedAvg on equal shares), each arm
-its recipe's own adapter and settings: non-private (the LLM recipe conf/recipe/llm-none.yaml), epsilon 8 and epsilon 1 (conf/recipe/llm-dp.yaml),
-same seeds and data otherwise. Other owners' data is their partition, untouched.
+with its recipe's own adapter and settings: non-private (the LLM recipe conf/recipe/llm-none.yaml), epsilon 8 and
+epsilon 1 (conf/recipe/llm-dp.yaml), same seeds and data otherwise. Other owners' data is their partition, untouched.
 
 For the model before fine-tuning and after each arm, every canary is scored:
 - exposure (experiments/exposure.py): its secret's log-likelihood after the prefix, ranked among CANDIDATES secrets
