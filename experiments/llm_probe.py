@@ -3,13 +3,15 @@
     python scripts/llm_probe.py OUT.json [--steps 20] [--trials dp:0.03 none:0.01] [--set OVERRIDE ...]
                                  (resumable: trials recorded in OUT.json are not run again)
 
-SmolLM2-135M-Instruct on the LLM DP recipe's settings (conf/recipe/llm-dp.yaml) with the adapter the probe's records
-used, FFA-LoRA r 8 on the top 8 layers (the recipes later moved to r 4 on all 30: docs/RESULTS.md), q = 0.1, FPB's 1,000-sentence subsample with its 20% validation split carved off, owner 0 of 5 (160 records):
+SmolLM2-135M-Instruct on the LLM DP recipe's settings (conf/recipe/llm-dp.yaml) with the adapter the probe's
+records used, FFA-LoRA r 8 on the top 8 layers (the recipes later moved to r 4 on all 30: docs/RESULTS.md),
+q = 0.1, FPB's 1,000-sentence subsample with its 20% validation split carved off, owner 0 of 5 (160 records):
 `--steps` steps (20: the recipe's two rounds) from the untrained adapter, DP at epsilon 8 (calibrated for those
-steps) or non-private, for each (arm, learning rate) in TRIALS (or --trials); then label-likelihood accuracy and exact match on the 200 validation
-sentences. `--set` adds config overrides to every trial (e.g. `dataset.max_train=null train.sample_rate=0.1`:
-all of FPB's training split, 620 records per owner, expected batches of 62). One owner alone is a pessimistic stand-in for five averaged (their DP noise averages down): it ranks
-learning rates, it does not measure the federation. ~2.5 min per trial on a 2-core CPU.
+steps) or non-private, for each (arm, learning rate) in TRIALS (or --trials); then label-likelihood accuracy and
+exact match on the 200 validation sentences. `--set` adds config overrides to every trial (e.g.
+`dataset.max_train=null train.sample_rate=0.1`: all of FPB's training split, 620 records per owner, expected
+batches of 62). One owner alone is a pessimistic stand-in for five averaged (their DP noise averages down): it
+ranks learning rates, it does not measure the federation. ~2.5 min per trial on a 2-core CPU.
 """
 
 from __future__ import annotations

@@ -87,8 +87,8 @@ def summarize(rows: list[dict]) -> list[dict]:
 def markdown(table: list[dict]) -> str:
     def cell(value) -> str:
         return "-" if value is None else f"{value[0]:.2f} ± {value[1]:.2f}"
-    lines = ["| dataset | adapter | target epsilon | seeds | zero-shot accuracy | accuracy | macro-F1 | exact match | ROUGE-L "
-             "| validation accuracy | epsilon spent (max) | seconds per job |", "|" + " --- |" * 12]
+    lines = ["| dataset | adapter | target epsilon | seeds | zero-shot accuracy | accuracy | macro-F1 | exact match "
+             "| ROUGE-L | validation accuracy | epsilon spent (max) | seconds per job |", "|" + " --- |" * 12]
     for r in table:
         eps = "non-private" if r["target_epsilon"] is None else f"{r['target_epsilon']:g}"
         spent = "-" if r["epsilon_spent"] is None else f"{r['epsilon_spent']:.3f}"
