@@ -1,10 +1,14 @@
 """The redesign changes no behaviour: a seeded non-private run (tiny model, 2 owners, 2 rounds) gives the same
-adapter, bit for bit, and the same metrics as the reference recorded from main before the redesign
-(tests/data/behaviour/, written by this test with DPLORA_RECORD_REFERENCE=1)."""
+adapter and the same metrics as the reference recorded from main before the redesign (tests/data/behaviour/,
+written by this test with DPLORA_RECORD_REFERENCE=1), up to float rounding: bit for bit on the machine that
+recorded it, while another CPU's kernels round differently (an AMD EPYC here: adapter entries up to 4.3e-4 apart
+after 2 rounds, update norms and losses within 1e-5 relative, accuracies equal). A change of behaviour (a step
+more or less, another rate, another batch) moves the update norms by percents."""
 
 import json
 import os
 
+import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -45,5 +49,15 @@ def test_behaviour_unchanged(tmp_path):
     reference = load_file(REFERENCE / "adapter.safetensors")
     assert sorted(adapter) == sorted(reference)
     for key, tensor in reference.items():
-        assert adapter[key].dtype == tensor.dtype and torch.equal(adapter[key], tensor), key
-    assert comparable(metrics) == json.loads((REFERENCE / "metrics.json").read_text())
+        assert adapter[key].dtype == tensor.dtype, key
+        torch.testing.assert_close(adapter[key], tensor, rtol=0, atol=5e-3, msg=key)
+    assert comparable(metrics) == approx(json.loads((REFERENCE / "metrics.json").read_text()))
+
+
+def approx(obj):
+    """The record with every float as pytest.approx (relative 1e-4); integers and text exact."""
+    if isinstance(obj, dict):
+        return {k: approx(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [approx(v) for v in obj]
+    return pytest.approx(obj, rel=1e-4) if isinstance(obj, float) else obj
