@@ -11,9 +11,10 @@
 #   bash scripts/llm_results.sh [--dry-run] [OUT_DIR]       (default OUT_DIR: results/llm)
 #   LLM_MODEL=qwen2.5-0.5b LLM_SCALE=full bash scripts/llm_results.sh results/llm-gpu   (a GPU: see below)
 #
-# Stages run most-wanted first (FPB non-private and at epsilon 8, seed 0, then epsilon 8's seeds 1 and 2: one DP
-# run of 400 validation sentences cannot tell the recipe from its noise; then seed 0 at epsilon 8 and non-private
-# on SST-2 and PubMedQA; then epsilon 1; then FPB's other seeds).
+# Stages run most-wanted first (FPB non-private and at epsilon 8, seed 0; SST-2 at epsilon 8, whose target says
+# whether DP training adds to what the model knows zero-shot; then FPB epsilon 8's seeds 1 and 2: one DP run of 400
+# validation sentences cannot tell the recipe from its noise; then SST-2 non-private and PubMedQA; then epsilon 1;
+# then FPB's other seeds).
 # Each stage is one Hydra multirun of full `flwr run` simulations (scripts/sweep.py) in OUT_DIR/<stage>/; a
 # finished stage is marked (stage.done) and skipped when the script runs again, and within a stage every
 # finished job is skipped, so a killed grid continues with the job it was in. A failed stage is retried next
@@ -63,8 +64,8 @@ source scripts/stage.sh  # stage NAME OVERRIDES...: one multirun into $out/NAME,
 
 stage fpb-none-seed0 "${fpb[@]}" "${none[@]}" seed=0
 stage fpb-seed0 "${fpb[@]}" "${dp[@]}" "${again[@]}" privacy.target_epsilon=8 seed=0
-stage fpb-seeds "${fpb[@]}" "${dp[@]}" "${again[@]}" privacy.target_epsilon=8 seed=1,2
 stage sst2-2000-seed0 "${sst2[@]}" "${dp[@]}" privacy.target_epsilon=8 seed=0
+stage fpb-seeds "${fpb[@]}" "${dp[@]}" "${again[@]}" privacy.target_epsilon=8 seed=1,2
 stage sst2-2000-none-seed0 "${sst2[@]}" "${none[@]}" "${again[@]}" seed=0
 stage pubmedqa-long-seed0 "${pubmedqa[@]}" "${dp[@]}" privacy.target_epsilon=8 seed=0
 stage pubmedqa-long-none-seed0 "${pubmedqa[@]}" "${none[@]}" "${again[@]}" seed=0
