@@ -13,8 +13,9 @@
 #
 # Stages run most-wanted first (FPB non-private and at epsilon 8, seed 0; SST-2 at epsilon 8, whose target says
 # whether DP training adds to what the model knows zero-shot; then FPB epsilon 8's seeds 1 and 2: one DP run of 400
-# validation sentences cannot tell the recipe from its noise; then SST-2 non-private and PubMedQA; then epsilon 1;
-# then FPB's other seeds).
+# validation sentences cannot tell the recipe from its noise; then SST-2 non-private; FPB at epsilon 8 on every
+# training record, as MiniLM's rows; then PubMedQA; then epsilon 1; then FPB's other seeds and non-private on every
+# record).
 # Each stage is one Hydra multirun of full `flwr run` simulations (scripts/sweep.py) in OUT_DIR/<stage>/; a
 # finished stage is marked (stage.done) and skipped when the script runs again, and within a stage every
 # finished job is skipped, so a killed grid continues with the job it was in. A failed stage is retried next
@@ -23,8 +24,9 @@
 # Sizes on a 2-core CPU alone (SmolLM2-135M, the recipes' LoRA on all 30 layers): an FPB job at epsilon 8 40 min
 # (training 1,280 examples per owner, 5 owners one after another, ~34 min; scoring 400 validation sentences twice
 # and FPB's 970 test sentences once, ~6 min), ~8 min more where it scores round 0; SST-2 about as long; PubMedQA
-# (prompts of ~430 tokens, 64-token answers) longer, ~2 h. LLM_SCALE=full drops the subsampling (every training record) and LLM_MODEL picks
-# another causal LM (e.g. qwen2.5-0.5b or llama-3.2-1b from the Hub: internet and, in practice, a GPU).
+# (prompts of ~430 tokens, 64-token answers) longer, ~2 h; FPB on every record about twice an FPB job's training.
+# LLM_SCALE=full drops the subsampling (every training record) and LLM_MODEL picks another causal LM (e.g.
+# qwen2.5-0.5b or llama-3.2-1b from the Hub: internet and, in practice, a GPU).
 set -euo pipefail
 {  # bash reads all of it before it runs: editing this file cannot change a grid that is running
 cd "$(dirname "$0")/.."
@@ -67,6 +69,9 @@ stage fpb-seed0 "${fpb[@]}" "${dp[@]}" "${again[@]}" privacy.target_epsilon=8 se
 stage sst2-2000-seed0 "${sst2[@]}" "${dp[@]}" privacy.target_epsilon=8 seed=0
 stage fpb-seeds "${fpb[@]}" "${dp[@]}" "${again[@]}" privacy.target_epsilon=8 seed=1,2
 stage sst2-2000-none-seed0 "${sst2[@]}" "${none[@]}" "${again[@]}" seed=0
+# FPB on every training record (3,876 sentences: 620 per owner, batches of 124 at the recipe's q), the scale of
+# MiniLM's FPB rows, at epsilon 8; its non-private twin runs last. Under LLM_SCALE=full the FPB stages already are.
+[[ "${LLM_SCALE:-cpu}" == full ]] || stage fpb-all-seed0 dataset=fpb "${dp[@]}" "${again[@]}" privacy.target_epsilon=8 seed=0
 stage pubmedqa-long-seed0 "${pubmedqa[@]}" "${dp[@]}" privacy.target_epsilon=8 seed=0
 stage pubmedqa-long-none-seed0 "${pubmedqa[@]}" "${none[@]}" "${again[@]}" seed=0
 stage fpb-eps1-seed0 "${fpb[@]}" "${dp[@]}" "${again[@]}" privacy.target_epsilon=1 seed=0
@@ -74,6 +79,7 @@ stage sst2-2000-eps1-seed0 "${sst2[@]}" "${dp[@]}" "${again[@]}" privacy.target_
 stage pubmedqa-long-eps1-seed0 "${pubmedqa[@]}" "${dp[@]}" "${again[@]}" privacy.target_epsilon=1 seed=0
 stage fpb-eps1-seeds "${fpb[@]}" "${dp[@]}" "${again[@]}" privacy.target_epsilon=1 seed=1,2
 stage fpb-none-seeds "${fpb[@]}" "${none[@]}" "${again[@]}" seed=1,2
+[[ "${LLM_SCALE:-cpu}" == full ]] || stage fpb-all-none-seed0 dataset=fpb "${none[@]}" "${again[@]}" seed=0
 [[ $dry == 1 ]] && exit 0
 
 python scripts/llm_report.py "$out" --out "$out/report"

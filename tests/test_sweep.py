@@ -289,7 +289,7 @@ def test_the_llm_grid_composes_every_job_on_the_llm_recipes(tmp_path, packaged_l
                                                            else [o.get_value_element_as_str()])]
                    for o in overrides if not o.get_key_element().startswith(("hydra", "sweep."))]
         jobs += [config.compose(list(job)) for job in itertools.product(*choices)]
-    assert len(jobs) == 15 and not (tmp_path / "out").exists()
+    assert len(jobs) == 17 and not (tmp_path / "out").exists()
     dp, none = (OmegaConf.load(config.CONF_DIR / "recipe" / f"llm-{name}.yaml") for name in ("dp", "none"))
     for cfg in jobs:
         recipe = none if cfg.privacy.target_epsilon is None else dp
@@ -299,7 +299,9 @@ def test_the_llm_grid_composes_every_job_on_the_llm_recipes(tmp_path, packaged_l
         assert cfg.eval.split == "validation" and cfg.eval.also_test
     assert {(c.dataset.name, c.privacy.target_epsilon) for c in jobs} == \
         {(d, e) for d in ("fpb", "sst2", "pubmedqa-long") for e in (1.0, 8.0, None)}
-    assert sum(c.dataset.name == "fpb" for c in jobs) == 9  # three seeds of each FPB arm
+    fpb = [(c.dataset.max_train, c.privacy.target_epsilon) for c in jobs if c.dataset.name == "fpb"]
+    assert sorted(fpb, key=str) == sorted([(2000, e) for e in (1.0, 8.0, None) for _ in range(3)]  # 3 seeds an arm
+                                          + [(None, 8.0), (None, None)], key=str)  # every record, as MiniLM's rows
     # each dataset's zero-shot start is scored once, by its first job
     assert [(c.dataset.name, c.privacy.target_epsilon) for c in jobs if c.eval.start] == \
         [("fpb", None), ("sst2", 8.0), ("pubmedqa-long", 8.0)]
