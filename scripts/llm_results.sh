@@ -72,7 +72,8 @@ stage fpb-seeds "${fpb[@]}" "${dp[@]}" "${again[@]}" privacy.target_epsilon=8 se
 stage sst2-2000-none-seed0 "${sst2[@]}" "${none[@]}" "${again[@]}" seed=0
 # FPB on every training record (3,876 sentences: 620 per owner, batches of 124 at the recipe's q), the scale of
 # MiniLM's FPB rows, at epsilon 8; its non-private twin runs last. Under LLM_SCALE=full the FPB stages already are.
-[[ "${LLM_SCALE:-cpu}" == full ]] || stage fpb-all-seed0 dataset=fpb "${dp[@]}" "${again[@]}" privacy.target_epsilon=8 seed=0
+[[ "${LLM_SCALE:-cpu}" == full ]] || stage fpb-all-seed0 dataset=fpb "${dp[@]}" "${again[@]}" \
+  privacy.target_epsilon=8 seed=0
 stage pubmedqa-long-seed0 "${pubmedqa[@]}" "${dp[@]}" privacy.target_epsilon=8 seed=0
 stage pubmedqa-long-none-seed0 "${pubmedqa[@]}" "${none[@]}" "${again[@]}" seed=0
 stage fpb-eps1-seed0 "${fpb[@]}" "${dp[@]}" "${again[@]}" privacy.target_epsilon=1 seed=0
@@ -80,7 +81,8 @@ stage sst2-2000-eps1-seed0 "${sst2[@]}" "${dp[@]}" "${again[@]}" privacy.target_
 stage pubmedqa-long-eps1-seed0 "${pubmedqa[@]}" "${dp[@]}" "${again[@]}" privacy.target_epsilon=1 seed=0
 stage fpb-eps1-seeds "${fpb[@]}" "${dp[@]}" "${again[@]}" privacy.target_epsilon=1 seed=1,2
 stage fpb-none-seeds "${fpb[@]}" "${none[@]}" "${again[@]}" seed=1,2
-[[ "${LLM_SCALE:-cpu}" == full ]] || stage fpb-all-none-seed0 dataset=fpb "${none[@]}" "${again[@]}" seed=0
+[[ "${LLM_SCALE:-cpu}" == full ]] || stage fpb-all-none-seed0 dataset=fpb "${none[@]}" "${again[@]}" \
+  seed=0
 [[ $dry == 1 ]] && exit 0
 
 python scripts/llm_report.py "$out" --out "$out/report"
