@@ -14,8 +14,8 @@
 # Stages run most-wanted first (FPB non-private and at epsilon 8, seed 0; SST-2 at epsilon 8, whose target says
 # whether DP training adds to what the model knows zero-shot; then FPB epsilon 8's seeds 1 and 2: one DP run of 400
 # validation sentences cannot tell the recipe from its noise; then SST-2 non-private; FPB at epsilon 8 on every
-# training record, as MiniLM's rows; then PubMedQA; then epsilon 1; then FPB's other seeds and non-private on every
-# record).
+# training record, as MiniLM's rows; then FPB and SST-2 at epsilon 1 (40 and 30 min); then PubMedQA (~2 h a job);
+# then FPB's other seeds and non-private on every record).
 # Each stage is one Hydra multirun of full `flwr run` simulations (scripts/sweep.py) in OUT_DIR/<stage>/; a
 # finished stage is marked (stage.done) and skipped when the script runs again, and within a stage every
 # finished job is skipped, so a killed grid continues with the job it was in. A failed stage is retried next
@@ -74,10 +74,10 @@ stage sst2-2000-none-seed0 "${sst2[@]}" "${none[@]}" "${again[@]}" seed=0
 # MiniLM's FPB rows, at epsilon 8; its non-private twin runs last. Under LLM_SCALE=full the FPB stages already are.
 [[ "${LLM_SCALE:-cpu}" == full ]] || stage fpb-all-seed0 dataset=fpb "${dp[@]}" "${again[@]}" \
   privacy.target_epsilon=8 seed=0
-stage pubmedqa-long-seed0 "${pubmedqa[@]}" "${dp[@]}" privacy.target_epsilon=8 seed=0
-stage pubmedqa-long-none-seed0 "${pubmedqa[@]}" "${none[@]}" "${again[@]}" seed=0
 stage fpb-eps1-seed0 "${fpb[@]}" "${dp[@]}" "${again[@]}" privacy.target_epsilon=1 seed=0
 stage sst2-2000-eps1-seed0 "${sst2[@]}" "${dp[@]}" "${again[@]}" privacy.target_epsilon=1 seed=0
+stage pubmedqa-long-seed0 "${pubmedqa[@]}" "${dp[@]}" privacy.target_epsilon=8 seed=0
+stage pubmedqa-long-none-seed0 "${pubmedqa[@]}" "${none[@]}" "${again[@]}" seed=0
 stage pubmedqa-long-eps1-seed0 "${pubmedqa[@]}" "${dp[@]}" "${again[@]}" privacy.target_epsilon=1 seed=0
 stage fpb-eps1-seeds "${fpb[@]}" "${dp[@]}" "${again[@]}" privacy.target_epsilon=1 seed=1,2
 stage fpb-none-seeds "${fpb[@]}" "${none[@]}" "${again[@]}" seed=1,2
