@@ -14,7 +14,7 @@
 # Stages run most-wanted first (FPB non-private and at epsilon 8, seed 0; SST-2 at epsilon 8, whose target says
 # whether DP training adds to what the model knows zero-shot; then FPB epsilon 8's seeds 1 and 2: one DP run of 400
 # validation sentences cannot tell the recipe from its noise; then SST-2 non-private; FPB at epsilon 8 on every
-# training record, as MiniLM's rows; then FPB and SST-2 at epsilon 1 (40 and 30 min); then PubMedQA (~2 h a job);
+# training record, as MiniLM's rows; then FPB and SST-2 at epsilon 1 (40-50 and 30 min); then PubMedQA (~2 h a job);
 # then FPB's other seeds and non-private on every record).
 # Each stage is one Hydra multirun of full `flwr run` simulations (scripts/sweep.py) in OUT_DIR/<stage>/; a
 # finished stage is marked (stage.done) and skipped when the script runs again, and within a stage every
