@@ -80,6 +80,11 @@ def _complete_round(folder: Path) -> int | None:
         return None
 
 
+def checkpoint_round(folder: Path) -> int | None:
+    """The round of the newest complete checkpoint at `folder` (`latest_checkpoint`); None if there is none."""
+    return _complete_round(latest_checkpoint(folder))
+
+
 def latest_checkpoint(folder: Path) -> Path:
     """`folder`, or the sibling a save that crashed mid-way left complete (`replace_checkpoint`): of `folder`,
     `<folder>.tmp` and `<folder>.old`, the complete one (round.json and the adapter) of the latest round;

@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from dplora import config
+from dplora.checkpoint import checkpoint_round
 
 ROOT = Path(__file__).resolve().parent.parent
 # The local SuperLink serves its Control, Runtime and Fleet APIs on one HTTP port: Flower's own local one is
@@ -156,6 +157,28 @@ def finished_elsewhere(output_dir: Path, overrides: str, num_supernodes: int) ->
     return None if owners in (None, num_supernodes) else f"another owner count ({owners}, {num_supernodes} now)"
 
 
+def interrupted_run(output_dir: Path, overrides: str, num_supernodes: int) -> int | None:
+    """The round after which a killed run of exactly the config `overrides` compose to and `num_supernodes`
+    owners (sweep.json, written when the run started) left a complete checkpoint in `output_dir` (killed, or
+    failed: a failure that repeats costs one round); None if there is none: no run there, a finished one,
+    another config or owner count, or no round checkpointed yet. `resume=true` continues such a run: its run
+    key, its owners' accounts (their ledgers)."""
+    path = output_dir / "metrics.json"
+    if not path.is_file() or _finished(output_dir) is not None:
+        return None
+    try:
+        metrics = json.loads(path.read_text())
+        same = _comparable(metrics["config"]) == _wanted(overrides)
+        owners = _owners(output_dir, metrics["config"])
+        rounds = len(metrics["rounds"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    if not same or owners != num_supernodes:
+        return None
+    done = checkpoint_round(output_dir / "checkpoint")
+    return done if done and rounds >= done else None
+
+
 def _finished(output_dir: Path) -> dict | None:
     """The metrics.json in `output_dir` if it records every round its config planned and the run is not marked
     FAILED (a killed or failed run loses nothing by running again); None otherwise."""
@@ -184,9 +207,9 @@ def _comparable(cfg: dict) -> dict:
     """A run's config as finished_run compares it. Records from before the sweep settings left conf/ hold a
     `sweep` key (the owner count: the sweep's own setting now, compared apart) and, with user-level DP off,
     `strategy.user_dp.owners_per_round` set to that owner count (now null unless user-level DP is on, and
-    unused while it is off): neither is compared. Keys added to conf/ since (ADDED_KEYS) take the value that
-    reproduces what the record did."""
-    cfg = json.loads(json.dumps({key: value for key, value in cfg.items() if key != "sweep"}))  # a copy
+    unused while it is off): neither is compared, nor `resume` (a resumed run is the run it continues). Keys
+    added to conf/ since (ADDED_KEYS) take the value that reproduces what the record did."""
+    cfg = json.loads(json.dumps({key: value for key, value in cfg.items() if key not in ("sweep", "resume")}))
     for path, value in ADDED_KEYS.items():
         parent = cfg
         for key in path[:-1]:

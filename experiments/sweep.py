@@ -12,8 +12,10 @@ is in no job's config, and each job records it in sweep.json beside metrics.json
 printed as they come. A failed job is reported, the sweep goes on, and the script exits 1 at the end naming
 every failed job. A job whose folder already holds a finished run of the same config and owner count (every
 round of it in metrics.json) is skipped, so a multirun repeated into the same hydra.sweep.dir continues with
-the job it stopped in; a folder holding a finished run of another config or owner count is never overwritten
-(the job fails, naming the first key that differs). Then: python scripts/report.py multirun/<date>/<time> --out DIR
+the job it stopped in, and that job resumes from its last checkpointed round (`resume=true`: the same run, its
+owners' accounts continued from their ledgers) where a killed run of the same config and owner count left one;
+a folder holding a finished run of another config or owner count is never overwritten (the job fails, naming
+the first key that differs). Then: python scripts/report.py multirun/<date>/<time> --out DIR
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from dplora import config
-from experiments.simulation import SimulationError, finished_elsewhere, finished_run, flwr_run, local_superlink
+from experiments.simulation import (SimulationError, finished_elsewhere, finished_run, flwr_run, interrupted_run,
+                                   local_superlink)
 
 FAILED: list[str] = []
 ENV: dict[str, str] = {}
@@ -80,9 +83,15 @@ def job(cfg: DictConfig) -> float | None:
         print(f"[sweep] {name}: NOT RUN: {out} holds a finished run of {other}; move it away or delete it to run "
               "this job there", flush=True)
         return None
-    print(f"[sweep] {name}: starting, results in {out}", flush=True)
+    run = overrides
+    if done := interrupted_run(out, overrides, owners):
+        run = f"{overrides} resume=true".strip()
+        print(f"[sweep] {name}: resuming the run killed in {out} after its round {done}", flush=True)
+    else:
+        print(f"[sweep] {name}: starting, results in {out}", flush=True)
     (out / "FAILED").unlink(missing_ok=True)  # a rerun into the same folder: an old failure no longer applies
-    (out / "sweep.json").unlink(missing_ok=True)  # written again once this run has finished
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sweep.json").write_text(json.dumps({"num_supernodes": owners}) + "\n")  # finished_run reads it
     start = time.time()
 
     def progress(line: str) -> None:  # the ServerApp's one-line round summaries
@@ -90,13 +99,12 @@ def job(cfg: DictConfig) -> float | None:
             print(f"[sweep] {name}: {summary.group(1)}", flush=True)
 
     try:
-        metrics = flwr_run(overrides, out, owners, ENV, on_line=progress)
+        metrics = flwr_run(run, out, owners, ENV, on_line=progress)
     except (config.ConfigError, SimulationError) as err:
         FAILED.append(f"{name} in {out}: {str(err).splitlines()[0]}")
         (out / "FAILED").write_text(str(err))
         print(f"[sweep] {name}: FAILED: {err}", flush=True)
         return None
-    (out / "sweep.json").write_text(json.dumps({"num_supernodes": owners}) + "\n")  # finished_run reads it
     final = metrics["rounds"][-1]
     print(f"[sweep] {name}: done in {time.time() - start:.0f}s, accuracy {final['accuracy']:.4f}, "
           f"epsilon {final['epsilon']}", flush=True)

@@ -18,8 +18,9 @@
 # then FPB's other seeds and non-private on every record).
 # Each stage is one Hydra multirun of full `flwr run` simulations (scripts/sweep.py) in OUT_DIR/<stage>/; a
 # finished stage is marked (stage.done) and skipped when the script runs again, and within a stage every
-# finished job is skipped, so a killed grid continues with the job it was in. A failed stage is retried next
-# time; the script exits 1 naming it.
+# finished job is skipped, so a killed grid continues with the job it was in, from that job's last finished
+# round (its checkpoint; a session too short for a PubMedQA job can stop it after round 1). A failed stage is
+# retried next time; the script exits 1 naming it.
 #
 # Sizes on a 2-core CPU alone (SmolLM2-135M, the recipes' LoRA on all 30 layers): an FPB job at epsilon 8 40 min
 # (training 1,280 examples per owner, 5 owners one after another, ~34 min; scoring 400 validation sentences twice

@@ -13,7 +13,7 @@
 # Every job is a full `flwr run` simulation (scripts/sweep.py). Each stage is one Hydra multirun in
 # OUT_DIR/<stage>/; a finished stage is marked (OUT_DIR/<stage>/stage.done) and skipped when the script is run
 # again, and within a stage every finished job is skipped (scripts/sweep.py), so a killed run continues with
-# the job it was in. A failed job fails its stage (it is rerun next time), the other stages still run, and the
+# the job it was in, from its last finished round. A failed job fails its stage (it is rerun next time), the other stages still run, and the
 # script exits 1. Then scripts/report.py builds
 # OUT_DIR/report/{results.md,results.csv,targets.md,privacy_utility.png,before.md} from every job below OUT_DIR, beside
 # docs/results/before/results.csv (the grid before the recipes). --dry-run prints each stage's sweep command

@@ -20,8 +20,11 @@ from dplora import config, data, models
 from dplora.checkpoint import latest_checkpoint, optimizer_file
 from experiments.simulation import (
     SimulationError,
+    HTTP_ADDRESS,
     descendants,
+    finished_run,
     flwr_run,
+    interrupted_run,
     local_superlink,
     running,
 )
@@ -93,7 +96,7 @@ def test_server_killed_after_round_1_resumes_without_losing_a_round_or_a_budget(
     continues exactly)."""
     overrides = OVERRIDES.replace("num_rounds=2", "num_rounds=3").replace("num_train=200", "num_train=400")
     overrides += " strategy=fedavgm"
-    out, killed, finished = tmp_path / "run", [], threading.Event()
+    out, killed, finished = tmp_path / "sweep" / "0", [], threading.Event()  # a sweep's first job folder
 
     def kill_at_first_checkpoint() -> None:  # the simulation process holds the ServerApp: SIGKILL it
         while not finished.is_set():
@@ -124,7 +127,20 @@ def test_server_killed_after_round_1_resumes_without_losing_a_round_or_a_budget(
 
     with pytest.raises(SimulationError, match="config differs"):  # a resume must continue the same experiment
         flwr_run(overrides + " seed=5 resume=true", out, 2, superlink_env, timeout=600)
-    metrics = flwr_run(overrides + " resume=true", out, num_supernodes=2, env=superlink_env, timeout=600)
+
+    # the sweep, run again over the killed job, resumes it (resume=true) rather than starting it afresh
+    (out / "sweep.json").write_text('{"num_supernodes": 2}\n')  # as the sweep writes it when a job starts
+    assert interrupted_run(out, overrides, 2) == done and finished_run(out, overrides, 2) is None
+    assert interrupted_run(out, overrides + " seed=5", 2) is None and interrupted_run(out, overrides, 3) is None
+    port = int(HTTP_ADDRESS.rsplit(":", 1)[1]) + 1  # its own SuperLink, beside this test's
+    sweep = subprocess.run([sys.executable, "scripts/sweep.py", "-m", "sweep.num_supernodes=2", *overrides.split(),
+                            f"hydra.sweep.dir={out.parent}"], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                           env={**os.environ, "DPLORA_SUPERLINK_PORT": str(port)})
+    assert sweep.returncode == 0, (sweep.stdout + sweep.stderr)[-3000:]
+    assert f"resuming the run killed in {out} after its round {done}" in sweep.stdout
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["resumed_at"] == [done]
+    assert finished_run(out, overrides, 2) == metrics and interrupted_run(out, overrides, 2) is None
     assert [r["round"] for r in metrics["rounds"]] == [1, 2, 3] and metrics["resumed_at"] == [done]
     assert metrics["run_key"] == first["run_key"] and metrics["rounds"][:done] == first["rounds"][:done]
     epsilons = [r["epsilon"] for r in metrics["rounds"]]
