@@ -4,15 +4,35 @@ and exact match of greedy decoding)."""
 from __future__ import annotations
 
 import copy
+import logging
 import re
+import time
 
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch.utils.data import TensorDataset
 
+from . import train
 from .data import IGNORE_INDEX
 from .train import device, sequence_losses, trim_padding
+
+log = logging.getLogger(f"flwr.{__name__}")  # under Flower's logger: shown by `flwr run --stream`
+
+
+class Progress:
+    """A long evaluation's progress: every `train.PROGRESS_SECONDS`, "<what>: i of n, x a second, about t s
+    left" (generating PubMedQA's answers takes many minutes: a slow run told from a stuck one)."""
+
+    def __init__(self, what: str, total: int):
+        self.what, self.total = what, total
+        self.start = self.last = time.perf_counter()
+
+    def __call__(self, done: int) -> None:
+        if (now := time.perf_counter()) - self.last >= train.PROGRESS_SECONDS and 0 < done < self.total:
+            self.last, elapsed = now, now - self.start
+            log.info("%s: %d of %d, %.1f a second, about %.0f s left", self.what, done, self.total,
+                     done / elapsed, elapsed / done * (self.total - done))
 
 
 @torch.no_grad()
@@ -62,8 +82,9 @@ def separate_scores(model: torch.nn.Module, eval_set: TensorDataset, cfg: DictCo
     sequence: length-sorted batches, each trimmed to its longest example; the set's order restored."""
     tensors, dev = eval_set.tensors, device()
     order = torch.argsort(tensors[1].sum(dim=1), descending=True, stable=True)
-    out = []
+    out, progress = [], Progress("evaluation: sequences scored", len(order))
     for part in order.split(cfg.eval.batch_size):
+        progress(sum(len(o) for o in out))
         batch = trim_padding([t[part] for t in tensors], dev)
         if cfg.model.task == "classification":
             out.append(model(input_ids=batch[0], attention_mask=batch[1]).logits.float().cpu())
@@ -123,7 +144,9 @@ def shared_prompt_scores(model: torch.nn.Module, eval_sets: list[TensorDataset],
         prefix_cache = model(input_ids=prompts[0][None, :shared_len].to(dev), use_cache=True,
                              logits_to_keep=1).past_key_values
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    progress = Progress("evaluation: prompts scored", len(order))
     for start in range(0, len(order), cfg.eval.batch_size):
+        progress(start)
         part = order[start:start + cfg.eval.batch_size]
         b = len(part)
         width = max(len(prompts[i]) for i in part) - shared_len
@@ -210,8 +233,9 @@ def continuations(model: torch.nn.Module, eval_set: TensorDataset, cfg: DictConf
     ids, mask, answer_labels = eval_set.tensors
     prompt_mask = mask * (answer_labels == IGNORE_INDEX)
     order = torch.argsort(prompt_mask.sum(dim=1), descending=True, stable=True)
-    out = [None] * len(ids)
-    for part in order.split(cfg.eval.batch_size):
+    out, progress = [None] * len(ids), Progress("evaluation: answers generated", len(ids))
+    for done, part in enumerate(order.split(cfg.eval.batch_size)):
+        progress(done * cfg.eval.batch_size)
         width = int(prompt_mask[part].sum(dim=1).max())
         rows, rows_mask = torch.zeros((len(part), width), dtype=torch.long), torch.zeros((len(part), width), dtype=torch.long)
         for j, i in enumerate(part.tolist()):  # the prompt tokens only, left-padded to the batch's longest

@@ -291,7 +291,7 @@ def flwr_run(overrides: str, output_dir: Path, num_supernodes: int, env: dict[st
                "--federation-config", federation_config(num_supernodes)]
     log_path = output_dir / "flwr.log"
     deadline = time.time() + timeout
-    with open(log_path, "w") as log:
+    with open(log_path, "w", buffering=1) as log:  # line by line: `tail -f flwr.log` follows a long run
         proc = subprocess.Popen(command, cwd=app_dir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True)
         for line in proc.stdout:

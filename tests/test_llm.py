@@ -182,6 +182,25 @@ def test_an_owner_logs_its_progress_within_a_round(tiny_cfg, monkeypatch, caplog
     assert "s left" in progress[0]
 
 
+def test_the_server_logs_a_long_evaluations_progress(tmp_path, monkeypatch, caplog):
+    """Scoring each candidate's likelihood and generating free-text answers (PubMedQA: many minutes) both log
+    how far they are, batch by batch, as training does."""
+    monkeypatch.setattr(train, "PROGRESS_SECONDS", 0.0)
+    cfg = _pubmedqa_long(tmp_path)
+    cfg.eval.batch_size, cfg.eval.max_new_tokens = 1, 4
+    model, tokenizer = models.build_model(cfg)
+    sets, labels = data.test_sets(cfg, tokenizer)
+    caplog.set_level(logging.INFO, logger="flwr")
+    scores = evaluation.evaluate(model, sets, labels, cfg, tokenizer, data.reference_answers(cfg))
+    messages = [r.getMessage() for r in caplog.records]
+    assert "evaluation: prompts scored: 1 of 2," in "\n".join(messages)
+    assert any(m.startswith("evaluation: answers generated: 1 of 2, ") and m.endswith("s left") for m in messages)
+    assert not any(" 0 of 2" in m or " 2 of 2" in m for m in messages)  # only while under way
+    evaluation.evaluate(model, sets, labels, cfg, shared_prompt=False)  # one pass per candidate
+    assert "evaluation: sequences scored: 1 of 2," in "\n".join(r.getMessage() for r in caplog.records)
+    assert 0 <= scores["rouge_l"] <= 1
+
+
 def test_the_llm_probe_refuses_bad_trials_before_building_anything(tmp_path, capsys):
     from experiments import llm_probe
     for args, message in ((["--trials", "dp:abc"], "ARM:LR pairs"), (["--trials", "adam:0.1"], "dp:LR or none:LR"),
