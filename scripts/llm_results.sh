@@ -14,19 +14,19 @@
 # Stages run most-wanted first (FPB non-private and at epsilon 8, seed 0; SST-2 at epsilon 8, whose target says
 # whether DP training adds to what the model knows zero-shot; then FPB epsilon 8's seeds 1 and 2: one DP run of 400
 # validation sentences cannot tell the recipe from its noise; then SST-2 non-private; FPB at epsilon 8 on every
-# training record, as MiniLM's rows; then FPB and SST-2 at epsilon 1 (40-50 and 30 min); then PubMedQA (~2 h a job);
-# then FPB's other seeds and non-private on every record).
+# training record, as MiniLM's rows; then FPB and SST-2 at epsilon 1 (40-50 and 30 min); then PubMedQA (75 min
+# with round 0); then FPB's other seeds and non-private on every record).
 # Each stage is one Hydra multirun of full `flwr run` simulations (scripts/sweep.py) in OUT_DIR/<stage>/; a
 # finished stage is marked (stage.done) and skipped when the script runs again, and within a stage every
 # finished job is skipped, so a killed grid continues with the job it was in, from that job's last finished
-# round (its checkpoint; a session too short for a PubMedQA job can stop it after round 1). A failed stage is
+# round (its checkpoint: a session too short for a job can stop it between rounds). A failed stage is
 # retried next time; the script exits 1 naming it.
 #
 # Sizes on a 2-core CPU alone (SmolLM2-135M, the recipes' LoRA on all 30 layers): an FPB job at epsilon 8 40 min
 # (training 1,280 examples per owner, 5 owners one after another, ~34 min; scoring 400 validation sentences twice
 # and FPB's 970 test sentences once, ~6 min), ~8 min more where it scores round 0; SST-2 30 min with round 0
-# (shorter sentences); PubMedQA (prompts of ~430 tokens, 64-token answers) longer, ~2 h; FPB on every record
-# about twice an FPB job's training.
+# (shorter sentences); PubMedQA (prompts of ~430 tokens, 64-token answers) 75 min with round 0 (each owner's
+# 10 steps ~5 min, scoring 360 abstracts ~10 min); FPB on every record about twice an FPB job's training.
 # LLM_SCALE=full drops the subsampling (every training record) and LLM_MODEL picks another causal LM (e.g.
 # qwen2.5-0.5b or llama-3.2-1b from the Hub: internet and, in practice, a GPU).
 set -euo pipefail
