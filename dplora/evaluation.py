@@ -83,8 +83,8 @@ def separate_scores(model: torch.nn.Module, eval_set: TensorDataset, cfg: DictCo
     tensors, dev = eval_set.tensors, device()
     order = torch.argsort(tensors[1].sum(dim=1), descending=True, stable=True)
     out, progress = [], Progress("evaluation: sequences scored", len(order))
-    for part in order.split(cfg.eval.batch_size):
-        progress(sum(len(o) for o in out))
+    for done, part in enumerate(order.split(cfg.eval.batch_size)):
+        progress(done * cfg.eval.batch_size)
         batch = trim_padding([t[part] for t in tensors], dev)
         if cfg.model.task == "classification":
             out.append(model(input_ids=batch[0], attention_mask=batch[1]).logits.float().cpu())

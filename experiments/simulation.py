@@ -139,11 +139,8 @@ def finished_run(output_dir: Path, overrides: str, num_supernodes: int | None = 
     (as the sweep recorded it: sweep.json, or the `sweep` key of the config in records from before the sweep
     settings left conf/); None otherwise. A sweep run again into the same folder skips such jobs, so an
     interrupted grid continues with the job it was in."""
-    if (metrics := _finished(output_dir)) is None or _comparable(metrics["config"]) != _wanted(overrides):
-        return None
-    if num_supernodes is not None and _owners(output_dir, metrics["config"]) != num_supernodes:
-        return None
-    return metrics
+    metrics = _finished(output_dir)
+    return metrics if metrics is not None and _is_this_run(output_dir, metrics, overrides, num_supernodes) else None
 
 
 def finished_elsewhere(output_dir: Path, overrides: str, num_supernodes: int) -> str | None:
@@ -163,33 +160,44 @@ def interrupted_run(output_dir: Path, overrides: str, num_supernodes: int) -> in
     failed: a failure that repeats costs one round); None if there is none: no run there, a finished one,
     another config or owner count, or no round checkpointed yet. `resume=true` continues such a run: its run
     key, its owners' accounts (their ledgers)."""
-    path = output_dir / "metrics.json"
-    if not path.is_file() or _finished(output_dir) is not None:
-        return None
-    try:
-        metrics = json.loads(path.read_text())
-        same = _comparable(metrics["config"]) == _wanted(overrides)
-        owners = _owners(output_dir, metrics["config"])
-        rounds = len(metrics["rounds"])
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return None
-    if not same or owners != num_supernodes:
+    metrics = _recorded(output_dir)
+    if metrics is None or _complete(metrics) or not _is_this_run(output_dir, metrics, overrides, num_supernodes):
         return None
     done = checkpoint_round(output_dir / "checkpoint")
-    return done if done and rounds >= done else None
+    return done if done and len(metrics["rounds"]) >= done else None
+
+
+def _is_this_run(output_dir: Path, metrics: dict, overrides: str, num_supernodes: int | None) -> bool:
+    """The run recorded in `output_dir` has the config `overrides` compose to and, if given, that owner count."""
+    if _comparable(metrics["config"]) != _wanted(overrides):
+        return False
+    return num_supernodes is None or _owners(output_dir, metrics["config"]) == num_supernodes
+
+
+def _recorded(output_dir: Path) -> dict | None:
+    """The metrics.json in `output_dir` (a config and a list of rounds); None if absent or unreadable."""
+    try:
+        metrics = json.loads((output_dir / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(metrics, dict) or not isinstance(metrics.get("config"), dict):
+        return None
+    return metrics if isinstance(metrics.get("rounds"), list) else None
+
+
+def _complete(metrics: dict) -> bool:
+    """Every round its config planned is recorded."""
+    try:
+        return len(metrics["rounds"]) == int(metrics["config"]["num_rounds"])
+    except (KeyError, TypeError, ValueError):
+        return False
 
 
 def _finished(output_dir: Path) -> dict | None:
     """The metrics.json in `output_dir` if it records every round its config planned and the run is not marked
-    FAILED (a killed or failed run loses nothing by running again); None otherwise."""
-    path = output_dir / "metrics.json"
-    if not path.is_file() or (output_dir / "FAILED").exists():
-        return None
-    try:
-        metrics = json.loads(path.read_text())
-        return metrics if len(metrics.get("rounds") or []) == int(metrics["config"]["num_rounds"]) else None
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return None
+    FAILED (a killed run resumes, a failed one runs again); None otherwise."""
+    metrics = _recorded(output_dir)
+    return metrics if metrics is not None and _complete(metrics) and not (output_dir / "FAILED").exists() else None
 
 
 def _wanted(overrides: str) -> dict:

@@ -90,7 +90,6 @@ def job(cfg: DictConfig) -> float | None:
     else:
         print(f"[sweep] {name}: starting, results in {out}", flush=True)
     (out / "FAILED").unlink(missing_ok=True)  # a rerun into the same folder: an old failure no longer applies
-    out.mkdir(parents=True, exist_ok=True)
     (out / "sweep.json").write_text(json.dumps({"num_supernodes": owners}) + "\n")  # finished_run reads it
     start = time.time()
 
