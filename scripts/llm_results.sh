@@ -44,6 +44,8 @@ done
 data="${DPLORA_SHARED_DATA:-$(cd .. && pwd)/shared/data}"
 out="${1:-results/llm}"
 model="${LLM_MODEL:-smollm2-135m-instruct}"
+scale="${LLM_SCALE:-cpu}"
+[[ $scale == cpu || $scale == full ]] || { echo "error: LLM_SCALE must be cpu or full, not '$scale'" >&2; exit 2; }
 for name in fpb pubmedqa sst2; do
   [[ -f "$data/$name/train.jsonl" ]] || { echo "error: $data/$name/train.jsonl not found" >&2; exit 2; }
 done
@@ -57,7 +59,7 @@ common=("model=$model" sweep.num_supernodes=5 "data_dir=$data" privacy.delta=1e-
 dp=(recipe=llm-dp)
 none=(privacy=none recipe=llm-none)
 again=(eval.start=false)  # a dataset's zero-shot start is already scored by its first stage below
-if [[ "${LLM_SCALE:-cpu}" == full ]]; then
+if [[ $scale == full ]]; then
   fpb=(dataset=fpb) sst2=(dataset=sst2 dataset.max_train=10000) pubmedqa=(dataset=pubmedqa-long)
 else
   fpb=(dataset=fpb dataset.max_train=2000) sst2=(dataset=sst2 dataset.max_train=2000) pubmedqa=(dataset=pubmedqa-long)
@@ -73,7 +75,7 @@ stage fpb-seeds "${fpb[@]}" "${dp[@]}" "${again[@]}" privacy.target_epsilon=8 se
 stage sst2-2000-none-seed0 "${sst2[@]}" "${none[@]}" "${again[@]}" seed=0
 # FPB on every training record (3,876 sentences: 620 per owner, batches of 124 at the recipe's q), the scale of
 # MiniLM's FPB rows, at epsilon 8; its non-private twin runs last. Under LLM_SCALE=full the FPB stages already are.
-[[ "${LLM_SCALE:-cpu}" == full ]] || stage fpb-all-seed0 dataset=fpb "${dp[@]}" "${again[@]}" \
+[[ $scale == full ]] || stage fpb-all-seed0 dataset=fpb "${dp[@]}" "${again[@]}" \
   privacy.target_epsilon=8 seed=0
 stage fpb-eps1-seed0 "${fpb[@]}" "${dp[@]}" "${again[@]}" privacy.target_epsilon=1 seed=0
 stage sst2-2000-eps1-seed0 "${sst2[@]}" "${dp[@]}" "${again[@]}" privacy.target_epsilon=1 seed=0
@@ -82,7 +84,7 @@ stage pubmedqa-long-none-seed0 "${pubmedqa[@]}" "${none[@]}" "${again[@]}" seed=
 stage pubmedqa-long-eps1-seed0 "${pubmedqa[@]}" "${dp[@]}" "${again[@]}" privacy.target_epsilon=1 seed=0
 stage fpb-eps1-seeds "${fpb[@]}" "${dp[@]}" "${again[@]}" privacy.target_epsilon=1 seed=1,2
 stage fpb-none-seeds "${fpb[@]}" "${none[@]}" "${again[@]}" seed=1,2
-[[ "${LLM_SCALE:-cpu}" == full ]] || stage fpb-all-none-seed0 dataset=fpb "${none[@]}" "${again[@]}" \
+[[ $scale == full ]] || stage fpb-all-none-seed0 dataset=fpb "${none[@]}" "${again[@]}" \
   seed=0
 [[ $dry == 1 ]] && exit 0
 

@@ -305,3 +305,26 @@ def test_the_llm_grid_composes_every_job_on_the_llm_recipes(tmp_path, packaged_l
     # each dataset's zero-shot start is scored once, by its first job
     assert [(c.dataset.name, c.privacy.target_epsilon) for c in jobs if c.eval.start] == \
         [("fpb", None), ("sst2", 8.0), ("pubmedqa-long", 8.0)]
+
+
+def test_the_llm_grids_scale_is_cpu_or_full(tmp_path):
+    """LLM_SCALE=full drops the subsampling (so no separate every-record FPB stages); a misspelt scale is refused
+    before anything runs, instead of silently running the CPU grid."""
+    for name in ("fpb", "sst2", "pubmedqa"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "train.jsonl").write_text("")
+
+    def dry_run(scale):
+        env = {**os.environ, "DPLORA_SHARED_DATA": str(tmp_path), "LLM_SCALE": scale}
+        return subprocess.run(["bash", "scripts/llm_results.sh", "--dry-run", str(tmp_path / "out")], cwd=ROOT,
+                              capture_output=True, text=True, env=env)
+
+    full = dry_run("full")
+    assert full.returncode == 0, full.stderr
+    stages = full.stdout.splitlines()
+    assert len(stages) == 12 and not any("dataset.max_train=2000" in s for s in stages)
+    assert sum("dataset=fpb " in s for s in stages) == 6 and all("max_train=10000" in s for s in stages
+                                                                   if "dataset=sst2 " in s)
+    wrong = dry_run("FULL")
+    assert wrong.returncode == 2 and "LLM_SCALE must be cpu or full, not 'FULL'" in wrong.stderr
+    assert wrong.stdout == "" and not (tmp_path / "out").exists()
