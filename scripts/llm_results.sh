@@ -25,8 +25,9 @@
 # Sizes on a 2-core CPU alone (SmolLM2-135M, the recipes' LoRA on all 30 layers): an FPB job at epsilon 8 40 min
 # (training 1,280 examples per owner, 5 owners one after another, ~34 min; scoring 400 validation sentences twice
 # and FPB's 970 test sentences once, ~6 min), ~8 min more where it scores round 0; SST-2 30 min with round 0
-# (shorter sentences); PubMedQA (prompts of ~430 tokens, 64-token answers) 75 min with round 0 (each owner's
-# 10 steps ~5 min, scoring 360 abstracts ~10 min); FPB on every record about twice an FPB job's training.
+# (shorter sentences); PubMedQA (prompts of ~430 tokens, 64-token answers) 75 min with round 0, 62-65 without
+# (each owner's 10 DP steps ~5 min, scoring 360 abstracts ~10 min); FPB on every record about twice an FPB job's
+# training.
 # LLM_SCALE=full drops the subsampling (every training record) and LLM_MODEL picks another causal LM (e.g.
 # qwen2.5-0.5b or llama-3.2-1b from the Hub: internet and, in practice, a GPU).
 set -euo pipefail
