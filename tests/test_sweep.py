@@ -268,6 +268,16 @@ def test_a_run_recorded_before_the_sweep_settings_left_the_config_still_counts_a
     assert finished_run(tmp_path, on.replace("owners_per_round=2", "owners_per_round=3"), 2) is None
 
 
+def _llm_grid_dry_run(tmp_path, **env):
+    """scripts/llm_results.sh --dry-run into tmp_path/out, with empty datasets in tmp_path as the shared data."""
+    for name in ("fpb", "sst2", "pubmedqa"):
+        (tmp_path / name).mkdir(exist_ok=True)
+        (tmp_path / name / "train.jsonl").write_text("")
+    env = {**os.environ, "DPLORA_SHARED_DATA": str(tmp_path), **env}
+    return subprocess.run(["bash", "scripts/llm_results.sh", "--dry-run", str(tmp_path / "out")], cwd=ROOT,
+                          capture_output=True, text=True, env=env)
+
+
 def test_the_llm_grid_composes_every_job_on_the_llm_recipes(tmp_path, packaged_llm):
     """scripts/llm_results.sh --dry-run: every stage's sweep parses with Hydra's grammar and every job composes;
     DP jobs train on recipe=llm-dp, non-private ones on llm-none; all score validation and test."""
@@ -275,12 +285,7 @@ def test_the_llm_grid_composes_every_job_on_the_llm_recipes(tmp_path, packaged_l
 
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    for name in ("fpb", "sst2", "pubmedqa"):
-        (tmp_path / name).mkdir()
-        (tmp_path / name / "train.jsonl").write_text("")
-    env = {**os.environ, "DPLORA_SHARED_DATA": str(tmp_path)}
-    proc = subprocess.run(["bash", "scripts/llm_results.sh", "--dry-run", str(tmp_path / "out")], cwd=ROOT,
-                          capture_output=True, text=True, env=env)
+    proc = _llm_grid_dry_run(tmp_path)
     assert proc.returncode == 0, proc.stderr
     parser, jobs = OverridesParser.create(), []
     for command in proc.stdout.splitlines():
@@ -310,21 +315,12 @@ def test_the_llm_grid_composes_every_job_on_the_llm_recipes(tmp_path, packaged_l
 def test_the_llm_grids_scale_is_cpu_or_full(tmp_path):
     """LLM_SCALE=full drops the subsampling (so no separate every-record FPB stages); a misspelt scale is refused
     before anything runs, instead of silently running the CPU grid."""
-    for name in ("fpb", "sst2", "pubmedqa"):
-        (tmp_path / name).mkdir()
-        (tmp_path / name / "train.jsonl").write_text("")
-
-    def dry_run(scale):
-        env = {**os.environ, "DPLORA_SHARED_DATA": str(tmp_path), "LLM_SCALE": scale}
-        return subprocess.run(["bash", "scripts/llm_results.sh", "--dry-run", str(tmp_path / "out")], cwd=ROOT,
-                              capture_output=True, text=True, env=env)
-
-    full = dry_run("full")
+    full = _llm_grid_dry_run(tmp_path, LLM_SCALE="full")
     assert full.returncode == 0, full.stderr
     stages = full.stdout.splitlines()
     assert len(stages) == 12 and not any("dataset.max_train=2000" in s for s in stages)
     assert sum("dataset=fpb " in s for s in stages) == 6 and all("max_train=10000" in s for s in stages
                                                                    if "dataset=sst2 " in s)
-    wrong = dry_run("FULL")
+    wrong = _llm_grid_dry_run(tmp_path, LLM_SCALE="FULL")
     assert wrong.returncode == 2 and "LLM_SCALE must be cpu or full, not 'FULL'" in wrong.stderr
     assert wrong.stdout == "" and not (tmp_path / "out").exists()
